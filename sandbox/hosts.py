@@ -1,0 +1,365 @@
+#!/usr/bin/env python3
+"""Local "bare servers" for trying and testing the deployment.
+
+Each host is a Debian 12 root file system booted by systemd-nspawn with
+systemd as PID 1 and sshd on its own loopback port (key-only root login).
+The hosts share the outer network namespace, so every host gets its own
+block of ports; the inventory this tool writes carries them as host vars.
+
+    hosts.py create [--count N]      boot N hosts (safe to re-run), write inventory
+    hosts.py list                    name, state, PID, ports
+    hosts.py shell NAME [CMD...]     ssh into a host (or run CMD there)
+    hosts.py stop NAME | start NAME  power a host off / boot it again
+    hosts.py destroy [NAME]          stop (by recorded PID) and remove
+
+State lives in --state-dir (default: .sandbox/default in the repo); the
+debootstrap root is cached in --cache-dir and copied per host.
+Needs root, systemd-container and debootstrap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SUITE = "bookworm"
+# What a freshly installed small Debian 12 server has: systemd, sshd, sudo,
+# python3 (for Ansible) and iproute2 (ss, for listen_ports_facts).
+PACKAGES = "systemd,systemd-sysv,dbus,python3,openssh-server,sudo,ca-certificates,iproute2"
+# Port blocks: block k owns [BASE + k*100, BASE + k*100 + 99].
+BLOCK_BASE, BLOCK_COUNT = 20000, 400
+PORT_OFFSETS = {
+    "ssh": 22,
+    "nginx_http_port": 80,
+    "nginx_https_port": 43,
+}
+BOOT_TIMEOUT = 90
+
+
+def log(msg: str) -> None:
+    print(f"[sandbox] {msg}", file=sys.stderr, flush=True)
+
+
+def die(msg: str) -> None:
+    print(f"[sandbox] error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+class Sandbox:
+    def __init__(self, state_dir: Path, cache_dir: Path, prefix: str):
+        self.state = state_dir.resolve()
+        self.cache = cache_dir.resolve()
+        self.prefix = prefix
+        self.hosts_dir = self.state / "hosts"
+        self.key = self.state / "id_ed25519"
+        self.inventory = self.state / "inventory.yml"
+        self.claims = self.cache / "port-blocks"
+
+    # ---- cached root file system -------------------------------------
+    def rootfs(self) -> Path:
+        root = self.cache / f"{SUITE}-rootfs"
+        stamp = root / ".sandbox-packages"
+        if stamp.is_file() and stamp.read_text() == PACKAGES:
+            return root
+        for tool in ("debootstrap", "systemd-nspawn", "ssh-keygen"):
+            if not shutil.which(tool):
+                die(f"{tool} not found: apt-get install debootstrap systemd-container openssh-client")
+        self.cache.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache / f"{SUITE}-rootfs.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"debootstrap {SUITE} into {root} (once, ~1 min)")
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, str(tmp)],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+        # Host keys and machine-id are made per host, never shared.
+        for f in (tmp / "etc/ssh").glob("ssh_host_*"):
+            f.unlink()
+        (tmp / "etc/machine-id").write_text("")
+        (tmp / ".sandbox-packages").write_text(PACKAGES)
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+        return root
+
+    # ---- per-host records ----------------------------------------------
+    def host_dir(self, name: str) -> Path:
+        return self.hosts_dir / name
+
+    def record(self, name: str) -> dict:
+        return json.loads((self.host_dir(name) / "host.json").read_text())
+
+    def names(self) -> list[str]:
+        if not self.hosts_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.hosts_dir.iterdir() if (p / "host.json").is_file())
+
+    def pid(self, name: str) -> int | None:
+        """PID of this host's systemd-nspawn if it is still that process."""
+        pid_file = self.host_dir(name) / "nspawn.pid"
+        if not pid_file.is_file():
+            return None
+        pid = int(pid_file.read_text())
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            return None
+        rootfs = str(self.host_dir(name) / "rootfs").encode()
+        if cmdline and cmdline[0].endswith(b"systemd-nspawn") and rootfs in cmdline:
+            return pid
+        return None
+
+    # ---- port blocks -------------------------------------------------------
+    @staticmethod
+    def port_free(port: int) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                return False
+        return True
+
+    def claim_block(self, name: str) -> int:
+        """A port block no other sandbox host owns and whose ports are free."""
+        self.claims.mkdir(parents=True, exist_ok=True)
+        owner = f"{self.host_dir(name)}\n"
+        for k in range(1, BLOCK_COUNT):
+            claim = self.claims / f"{k}"
+            if claim.exists():
+                holder = claim.read_text()
+                if holder == owner:
+                    return k
+                if Path(holder.strip()).is_dir():
+                    continue
+                claim.unlink()  # left over by a removed state dir
+            base = BLOCK_BASE + k * 100
+            if not all(self.port_free(base + off) for off in PORT_OFFSETS.values()):
+                continue
+            try:
+                with open(claim, "x") as f:
+                    f.write(owner)
+            except FileExistsError:
+                continue
+            return k
+        die("no free port block left")
+        return 0
+
+    def release_block(self, name: str) -> None:
+        owner = f"{self.host_dir(name)}\n"
+        if self.claims.is_dir():
+            for claim in self.claims.iterdir():
+                if claim.read_text() == owner:
+                    claim.unlink()
+
+    # ---- commands ------------------------------------------------------------
+    def ensure_key(self) -> None:
+        if not self.key.is_file():
+            self.state.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sandbox", "-f", str(self.key)],
+                check=True,
+            )
+
+    def provision(self, name: str) -> None:
+        """Copy the cached root and make it this host's own."""
+        hdir = self.host_dir(name)
+        block = self.claim_block(name)
+        ports = {k: BLOCK_BASE + block * 100 + off for k, off in PORT_OFFSETS.items()}
+        tmp = hdir / "rootfs.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        hdir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "-a", "--reflink=auto", str(self.rootfs()), str(tmp)], check=True)
+        (tmp / "etc/hostname").write_text(f"{name}\n")
+        with open(tmp / "etc/hosts", "a") as f:
+            f.write(f"127.0.1.1 {name}\n")
+        (tmp / "etc/machine-id").write_text(secrets.token_hex(16) + "\n")
+        subprocess.run(["ssh-keygen", "-A", "-f", str(tmp)], check=True, stdout=subprocess.DEVNULL)
+        (tmp / "etc/ssh/sshd_config.d/sandbox.conf").write_text(
+            f"Port {ports['ssh']}\nListenAddress 127.0.0.1\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\n"
+        )
+        ssh_dir = tmp / "root/.ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        shutil.copy(f"{self.key}.pub", ssh_dir / "authorized_keys")
+        os.chmod(ssh_dir / "authorized_keys", 0o600)
+        tmp.rename(hdir / "rootfs")
+        (hdir / "host.json").write_text(json.dumps({"name": name, "block": block, "ports": ports}))
+
+    def boot(self, name: str) -> None:
+        if self.pid(name):
+            return
+        hdir = self.host_dir(name)
+        console = open(hdir / "console.log", "ab")
+        # --register=no --keep-unit: the outer machine has no systemd/dbus.
+        # CAP_NET_ADMIN: as on a real server, so units with PrivateNetwork=
+        # can bring up their own loopback.
+        proc = subprocess.Popen(
+            ["systemd-nspawn", "-b", "-D", str(hdir / "rootfs"), "-M", name,
+             "--register=no", "--keep-unit", "--console=read-only",
+             "--capability=CAP_NET_ADMIN"],
+            stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        (hdir / "nspawn.pid").write_text(f"{proc.pid}\n")
+        log(f"{name}: booting (nspawn PID {proc.pid})")
+
+    def ssh_argv(self, name: str) -> list[str]:
+        port = self.record(name)["ports"]["ssh"]
+        return ["ssh", "-i", str(self.key), "-p", str(port),
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+                "root@127.0.0.1"]
+
+    def wait_ready(self, name: str) -> None:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            if not self.pid(name):
+                die(f"{name}: systemd-nspawn exited; see {self.host_dir(name) / 'console.log'}")
+            r = subprocess.run(self.ssh_argv(name) + ["systemctl is-system-running --wait"],
+                               capture_output=True, text=True)
+            if r.returncode == 0 or r.stdout.strip() == "degraded":
+                log(f"{name}: up ({r.stdout.strip()})")
+                return
+            time.sleep(1)
+        die(f"{name}: not reachable over ssh after {BOOT_TIMEOUT}s; see {self.host_dir(name) / 'console.log'}")
+
+    def write_inventory(self) -> None:
+        lines = ["# Written by sandbox/hosts.py: local nspawn hosts. Do not edit.",
+                 "all:", "  children:", "    torchserve_servers:", "      hosts:"]
+        for name in self.names():
+            ports = self.record(name)["ports"]
+            lines += [
+                f"        {name}:",
+                "          ansible_host: 127.0.0.1",
+                f"          ansible_port: {ports['ssh']}",
+                f"          nginx_http_port: {ports['nginx_http_port']}",
+                f"          nginx_https_port: {ports['nginx_https_port']}",
+            ]
+        lines += [
+            "      vars:",
+            "        ansible_user: root",
+            f"        ansible_ssh_private_key_file: {self.key}",
+            "        ansible_ssh_common_args: >-",
+            "          -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+            "          -o LogLevel=ERROR",
+            "        # The sandbox hosts reach no Python index: install from a",
+            "        # wheelhouse built on the controller.",
+            "        torchserve_pip_mode: wheelhouse",
+        ]
+        self.inventory.write_text("\n".join(lines) + "\n")
+        log(f"inventory: {self.inventory}")
+
+    def create(self, count: int) -> None:
+        if os.geteuid() != 0:
+            die("must run as root (systemd-nspawn)")
+        self.ensure_key()
+        names = [f"{self.prefix}{i}" for i in range(1, count + 1)]
+        for name in names:
+            if not (self.host_dir(name) / "host.json").is_file():
+                self.provision(name)
+            self.boot(name)
+        for name in names:
+            self.wait_ready(name)
+        self.write_inventory()
+
+    def start(self, name: str) -> None:
+        self.require(name)
+        self.boot(name)
+        self.wait_ready(name)
+
+    def stop(self, name: str, timeout: float = 60) -> None:
+        pid = self.pid(name)
+        if not pid:
+            return
+        # SIGTERM makes nspawn ask the container's systemd for a clean poweroff.
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.pid(name):
+            time.sleep(0.5)
+        if self.pid(name):
+            log(f"{name}: no clean poweroff in {timeout}s, killing nspawn PID {pid}")
+            os.killpg(pid, signal.SIGKILL)
+            while self.pid(name):
+                time.sleep(0.2)
+        (self.host_dir(name) / "nspawn.pid").unlink(missing_ok=True)
+        log(f"{name}: stopped")
+
+    def destroy(self, names: list[str]) -> None:
+        for name in names or self.names():
+            self.stop(name)
+            self.release_block(name)
+            shutil.rmtree(self.host_dir(name), ignore_errors=True)
+            log(f"{name}: removed")
+        if not self.names():
+            shutil.rmtree(self.state, ignore_errors=True)
+        else:
+            self.write_inventory()
+
+    def require(self, name: str) -> None:
+        if name not in self.names():
+            die(f"no host {name!r} in {self.state} (have: {', '.join(self.names()) or 'none'})")
+
+    def list(self) -> None:
+        print(f"{'NAME':<16}{'STATE':<10}{'PID':<9}{'SSH':<7}{'HTTP':<7}{'HTTPS':<7}")
+        for name in self.names():
+            rec, pid = self.record(name), self.pid(name)
+            p = rec["ports"]
+            print(f"{name:<16}{'running' if pid else 'stopped':<10}{pid or '-'!s:<9}"
+                  f"{p['ssh']:<7}{p['nginx_http_port']:<7}{p['nginx_https_port']:<7}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--state-dir", type=Path,
+                    default=Path(os.environ.get("SANDBOX_STATE_DIR", REPO / ".sandbox/default")))
+    ap.add_argument("--cache-dir", type=Path,
+                    default=Path(os.environ.get("SANDBOX_CACHE_DIR", "/var/cache/torchserve-sandbox")))
+    ap.add_argument("--prefix", default=os.environ.get("SANDBOX_PREFIX", "ts-host"),
+                    help="host names are PREFIX1..PREFIXN")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create")
+    c.add_argument("--count", type=int, default=1)
+    sub.add_parser("list")
+    sub.add_parser("inventory", help="print the inventory path")
+    s = sub.add_parser("shell")
+    s.add_argument("name")
+    s.add_argument("command", nargs=argparse.REMAINDER)
+    for verb in ("stop", "start"):
+        sub.add_parser(verb).add_argument("name")
+    d = sub.add_parser("destroy")
+    d.add_argument("names", nargs="*")
+    args = ap.parse_args()
+
+    sb = Sandbox(args.state_dir, args.cache_dir, args.prefix)
+    if args.cmd == "create":
+        sb.create(args.count)
+    elif args.cmd == "list":
+        sb.list()
+    elif args.cmd == "inventory":
+        print(sb.inventory)
+    elif args.cmd == "shell":
+        sb.require(args.name)
+        os.execvp("ssh", sb.ssh_argv(args.name) + ["-t"] * (not args.command) + args.command)
+    elif args.cmd == "stop":
+        sb.require(args.name)
+        sb.stop(args.name)
+    elif args.cmd == "start":
+        sb.start(args.name)
+    elif args.cmd == "destroy":
+        for n in args.names:
+            sb.require(n)
+        sb.destroy(args.names)
+
+
+if __name__ == "__main__":
+    main()
