@@ -211,6 +211,10 @@ class Sandbox:
             start_new_session=True,
         )
         (hdir / "nspawn.pid").write_text(f"{proc.pid}\n")
+        # Until exec() completes, /proc/PID/cmdline is still ours.
+        deadline = time.monotonic() + 10
+        while not self.pid(name) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         log(f"{name}: booting (nspawn PID {proc.pid})")
 
     def ssh_argv(self, name: str) -> list[str]:
