@@ -8,6 +8,7 @@ block of ports; the inventory this tool writes carries them as host vars.
 
     hosts.py create [--count N]      boot N hosts (safe to re-run), write inventory
     hosts.py list                    name, state, PID, ports
+    hosts.py info NAME               one host as JSON (ports, PID, ssh command)
     hosts.py shell NAME [CMD...]     ssh into a host (or run CMD there)
     hosts.py stop NAME | start NAME  power a host off / boot it again
     hosts.py destroy [NAME]          stop (by recorded PID) and remove
@@ -335,6 +336,8 @@ def main() -> None:
     c.add_argument("--count", type=int, default=1)
     sub.add_parser("list")
     sub.add_parser("inventory", help="print the inventory path")
+    i = sub.add_parser("info", help="print a host's record (name, ports, PID) as JSON")
+    i.add_argument("name")
     s = sub.add_parser("shell")
     s.add_argument("name")
     s.add_argument("command", nargs=argparse.REMAINDER)
@@ -351,6 +354,10 @@ def main() -> None:
         sb.list()
     elif args.cmd == "inventory":
         print(sb.inventory)
+    elif args.cmd == "info":
+        sb.require(args.name)
+        print(json.dumps({**sb.record(args.name), "pid": sb.pid(args.name),
+                          "ssh": sb.ssh_argv(args.name), "inventory": str(sb.inventory)}))
     elif args.cmd == "shell":
         sb.require(args.name)
         os.execvp("ssh", sb.ssh_argv(args.name) + ["-t"] * (not args.command) + args.command)
