@@ -31,9 +31,11 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import list_classes_from_module
 
 logger = logging.getLogger(__name__)
+Image.init()  # register every Pillow plugin, so that Image.open(formats=...) knows them all
 
-#: Formats Pillow may use to decode a request (MPO: what many phones write for JPEG).
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF")
+#: Formats Pillow may use to decode a request (the JPEG opener also returns MPO, what many
+#: phones write). Restricting Image.open to these keeps exotic decoders out of reach.
+ALLOWED_FORMATS = tuple(f for f in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF") if f in Image.OPEN)
 #: Magic numbers of those formats: bytes starting so are decoded as an image, not as base64.
 _IMAGE_MAGIC = (
     b"\xff\xd8\xff",  # JPEG / MPO
@@ -233,7 +235,12 @@ class FashionMNISTHandler(BaseHandler):
         if isinstance(payload, list):
             raise self.BadInput(400, "bad_json", 'JSON body must look like {"data": "<base64 image>"}')
         if isinstance(payload, str):
-            return self._b64decode(payload, form)
+            try:
+                return self._b64decode(payload, form)
+            except self.BadInput:
+                if form:
+                    raise self.BadInput(415, "form_urlencoded", "the body is not a decodable image: " + FORM_HINT)
+                raise
         data = bytes(payload)
         if data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
             return data

@@ -1,0 +1,433 @@
+"""Unit tests of model_src/handler.py, calling its methods with a fake context."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import struct
+import zlib
+
+import pytest
+import torch
+from fmnist_support import (
+    LABELS,
+    SAMPLES,
+    SEED_WEIGHTS,
+    WEIGHTS,
+    FakeContext,
+    FashionMNISTHandler,
+    FashionMNISTModelV2,
+    MODEL_SRC,
+    png_bytes,
+    train,
+    yaml_dict,
+)
+from PIL import Image
+
+TSHIRT = "T-shirt/top"
+
+
+# --------------------------------------------------------------------------- helpers
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    """A dark T-shirt photographed on white (RGB)."""
+    return Image.open(SAMPLES / "tshirt3.jpeg").convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def reference(handler, photo) -> torch.Tensor:
+    """The tensor the handler makes of the photo sent as a lossless RGB PNG."""
+    return handler.image_to_tensor(encode(photo, "PNG"))
+
+
+def predict(handler, payload, content_type=None):
+    headers = {0: {"Content-Type": content_type}} if content_type else {}
+    ctx = FakeContext("/nonexistent", request_headers=headers)  # handle() never reads model_dir
+    out = handler.handle([payload], ctx)
+    return out[0], ctx
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def mean_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().mean())
+
+
+# --------------------------------------------------------------------------- initialisation
+def test_initialize_reads_config_and_labels(handler):
+    assert handler.labels == [json.loads(LABELS.read_text())[str(i)] for i in range(10)]
+    assert handler.config["topk"] == 3
+    assert handler.config["intra_op_threads"] == 1
+    assert handler.config["max_image_pixels"] == 40_000_000
+    assert torch.get_num_threads() == 1
+
+
+def test_initialize_without_model_yaml_config(model_dir):
+    h = FashionMNISTHandler()
+    h.initialize(FakeContext(model_dir, yaml_config=None))  # no model_yaml_config attribute at all
+    import os
+
+    assert h.config["intra_op_threads"] == max(1, (os.cpu_count() or 1) // 1)
+    assert h.config["topk"] == 3
+    out, _ = predict(h, {"body": (SAMPLES / "tshirt3.jpeg").read_bytes()})
+    assert out["label"] == TSHIRT
+
+
+def test_default_threads_follow_min_workers(model_dir):
+    import os
+
+    h = FashionMNISTHandler()
+    h.initialize(FakeContext(model_dir, yaml_config={"minWorkers": 2}))
+    assert h.config["intra_op_threads"] == max(1, (os.cpu_count() or 1) // 2)
+    torch.set_num_threads(1)
+
+
+def test_topk_is_configurable(model_dir):
+    h = FashionMNISTHandler()
+    h.initialize(FakeContext(model_dir, yaml_config={"handler": {"topk": 10, "intra_op_threads": 1}}))
+    out, _ = predict(h, {"body": (SAMPLES / "tshirt4.jpg").read_bytes()})
+    assert len(out["probabilities"]) == 10
+    assert abs(sum(out["probabilities"].values()) - 1.0) < 1e-4
+
+
+def test_labels_come_from_model_dir(tmp_path):
+    shutil.copy(MODEL_SRC / "model.py", tmp_path)
+    shutil.copy(WEIGHTS, tmp_path)
+    h = FashionMNISTHandler()
+    with pytest.raises(RuntimeError, match="index_to_name.json"):
+        h.initialize(FakeContext(tmp_path, yaml_config={}))
+    renamed = {str(i): f"class-{i}" for i in range(10)}
+    (tmp_path / "index_to_name.json").write_text(json.dumps(renamed))
+    h.initialize(FakeContext(tmp_path, yaml_config={"handler": {"intra_op_threads": 1}}))
+    out, _ = predict(h, {"body": (SAMPLES / "tshirt3.jpeg").read_bytes()})
+    assert out["label"] == "class-0"
+
+
+@pytest.mark.parametrize("hidden", [10, 16])
+def test_width_is_inferred_from_the_state_dict(tmp_path, hidden):
+    shutil.copy(MODEL_SRC / "model.py", tmp_path)
+    shutil.copy(LABELS, tmp_path)
+    torch.save(FashionMNISTModelV2(hidden_units=hidden).state_dict(), tmp_path / WEIGHTS.name)
+    h = FashionMNISTHandler()
+    h.initialize(FakeContext(tmp_path, yaml_config={"handler": {"intra_op_threads": 1}}))
+    assert h.model.block_1[0].out_channels == hidden
+
+
+def test_article_weights_served_by_the_handler(tmp_path):
+    shutil.copy(MODEL_SRC / "model.py", tmp_path)
+    shutil.copy(LABELS, tmp_path)
+    shutil.copy(SEED_WEIGHTS, tmp_path / WEIGHTS.name)
+    h = FashionMNISTHandler()
+    h.initialize(FakeContext(tmp_path, yaml_config={"handler": {"intra_op_threads": 1}}))
+    assert h.model.block_1[0].out_channels == 10
+    out, _ = predict(h, {"body": (SAMPLES / "tshirt3.jpeg").read_bytes()})
+    assert out["index"] in range(10)
+
+
+# --------------------------------------------------------------------------- accepted formats
+def test_seed_photos_are_tshirts(handler):
+    for name in ("tshirt3.jpeg", "tshirt4.jpg"):
+        out, ctx = predict(handler, {"body": (SAMPLES / name).read_bytes()})
+        assert out["label"] == TSHIRT, (name, out)
+        assert out["index"] == 0
+        assert list(out["probabilities"])[0] == TSHIRT and len(out["probabilities"]) == 3
+        assert ctx.statuses == {}
+        assert ctx.response_headers[0]["content-type"] == "application/json"
+
+
+def test_dataset_images_pass_through_unchanged(handler, test_set):
+    images, _ = test_set
+    for i in range(0, 10_000, 97):
+        t = handler.image_to_tensor(png_bytes(images[i]))
+        assert torch.equal(t, train.to_float(images[i : i + 1])[0]), i
+
+
+@pytest.mark.parametrize(
+    "fmt,kw,tol",
+    [
+        ("JPEG", {"quality": 95}, 0.05),
+        ("PNG", {}, 0.0),
+        ("GIF", {}, 0.03),
+        ("WEBP", {"lossless": True}, 0.0),
+        ("WEBP", {"quality": 90}, 0.05),
+        ("BMP", {}, 0.0),
+        ("TIFF", {}, 0.0),
+        ("TIFF", {"compression": "tiff_lzw"}, 0.0),
+    ],
+)
+def test_formats(handler, photo, reference, fmt, kw, tol):
+    data = encode(photo, fmt, **kw)
+    t = handler.image_to_tensor(data)
+    assert t.shape == (1, 28, 28)
+    assert mean_diff(t, reference) <= tol + 1e-6, (fmt, mean_diff(t, reference))
+    out, _ = predict(handler, {"body": data})
+    assert out["label"] == TSHIRT
+
+
+def test_png_grayscale_and_palette(handler, photo, reference):
+    gray = handler.image_to_tensor(encode(photo.convert("L"), "PNG"))
+    assert mean_diff(gray, reference) < 0.01
+    pal = handler.image_to_tensor(encode(photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=64), "PNG"))
+    assert mean_diff(pal, reference) < 0.03
+    assert predict(handler, {"body": encode(photo.convert("P"), "PNG")})[0]["label"] == TSHIRT
+
+
+def test_png_16_bit(handler, photo, reference):
+    gray = photo.convert("L")
+    img16 = Image.frombytes("I;16", gray.size, b"".join(struct.pack("<H", v * 257) for v in gray.tobytes()))
+    data = encode(img16, "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")  # really 16-bit
+    t = handler.image_to_tensor(data)
+    assert mean_diff(t, reference) < 0.01  # 16-bit values scaled, not clipped to white
+    assert predict(handler, {"body": data})[0]["label"] == TSHIRT
+
+
+def test_png_alpha_is_composited_on_white(handler, photo, reference):
+    # Transparent background stored as transparent *black*: wrong without compositing.
+    rgba = photo.convert("RGBA")
+    light = [255 if v > 235 else 0 for v in range(256)]
+    mask = photo.convert("L").point(light)
+    rgba.paste((0, 0, 0, 0), mask=mask)
+    data = encode(rgba, "PNG")
+    t = handler.image_to_tensor(data)
+    assert mean_diff(t, reference) < 0.03
+    assert predict(handler, {"body": data})[0]["label"] == TSHIRT
+    # palette PNG with a transparent index
+    pal = rgba.convert("P", palette=Image.Palette.ADAPTIVE)
+    assert "transparency" in Image.open(io.BytesIO(encode(pal, "PNG"))).info
+    assert predict(handler, {"body": encode(pal, "PNG")})[0]["label"] == TSHIRT
+
+
+def test_gif_first_frame(handler, photo, reference):
+    black = Image.new("RGB", photo.size, (0, 0, 0))
+    white = Image.new("RGB", photo.size, (255, 255, 255))
+    data = encode(photo, "GIF", save_all=True, append_images=[black, white], duration=100)
+    assert Image.open(io.BytesIO(data)).n_frames >= 2
+    assert mean_diff(handler.image_to_tensor(data), reference) < 0.03
+
+
+def test_exif_orientation(handler, photo, reference):
+    sideways = photo.transpose(Image.Transpose.ROTATE_90)  # stored rotated ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... and tagged "rotate 90 CW to display"
+    data = encode(sideways, "JPEG", quality=95, exif=exif.tobytes())
+    assert mean_diff(handler.image_to_tensor(data), reference) < 0.05
+    assert predict(handler, {"body": data})[0]["label"] == TSHIRT
+
+
+def test_large_photo_is_downscaled(handler, photo, reference):
+    big = photo.resize((photo.width * 8, photo.height * 8), Image.Resampling.BICUBIC)
+    data = encode(big, "JPEG", quality=90)
+    assert mean_diff(handler.image_to_tensor(data), reference) < 0.05
+
+
+def test_light_and_dark_backgrounds(handler, photo):
+    """A photo on white is inverted; the same garment on black (dataset style) is not."""
+    on_white = handler.image_to_tensor(encode(photo, "PNG"))
+    on_black = handler.image_to_tensor(encode(Image.eval(photo.convert("L"), lambda v: 255 - v), "PNG"))
+    assert mean_diff(on_white, on_black) < 0.02
+    border = torch.cat([on_white[0, 0], on_white[0, -1], on_white[0, :, 0], on_white[0, :, -1]])
+    assert float(border.mean()) < 0.1  # background black, like Fashion-MNIST
+
+
+# --------------------------------------------------------------------------- request shapes
+def test_payload_shapes(handler):
+    jpg = (SAMPLES / "tshirt3.jpeg").read_bytes()
+    b64 = base64.b64encode(jpg).decode()
+    cases = {
+        "raw body (curl -T / octet-stream)": ({"body": jpg}, None),
+        "raw data key": ({"data": jpg}, None),
+        "bytearray": ({"body": bytearray(jpg)}, None),
+        "multipart field data": ({"data": jpg}, "multipart/form-data; boundary=x"),
+        "multipart other field name": ({"upload": jpg}, "multipart/form-data; boundary=x"),
+        "JSON decoded by TorchServe": ({"body": {"data": b64}}, "application/json"),
+        "JSON sent as octet-stream": ({"body": json.dumps({"data": b64}).encode()}, "application/octet-stream"),
+        "bare base64 text/plain (str)": ({"body": b64}, "text/plain"),
+        "bare base64 bytes": ({"body": b64.encode()}, None),
+        "base64 with newlines": ({"body": base64.encodebytes(jpg)}, None),
+        "data URL": ({"body": "data:image/jpeg;base64," + b64}, "text/plain"),
+        "JSON string": ({"body": b64}, "application/json"),
+    }
+    for name, (row, ct) in cases.items():
+        out, ctx = predict(handler, row, ct)
+        assert out.get("label") == TSHIRT, (name, out)
+        assert ctx.statuses == {}, name
+
+
+def form_decode(body: bytes) -> dict:
+    """What TorchServe 0.12 (Netty 4.1.53) hands the handler for an x-www-form-urlencoded body."""
+    from urllib.parse import unquote_plus
+
+    row = {}
+    for part in body.split(b"&"):
+        if b"=" not in part:
+            continue  # Netty drops a trailing field without '='
+        name, value = part.split(b"=", 1)
+        row[unquote_plus(name.decode("utf-8", "replace"))] = unquote_plus(value.decode("utf-8", "replace")).encode()
+    return row
+
+
+def test_form_urlencoded_base64_is_recovered(handler):
+    ct = "application/x-www-form-urlencoded"
+    jpg = (SAMPLES / "tshirt3.jpeg").read_bytes()
+    for data in (jpg, jpg + b"\0", jpg + b"\0\0"):  # all three base64 paddings (bytes after EOI are ignored)
+        b64 = base64.b64encode(data)
+        if not b64.endswith(b"="):
+            continue  # no '=' at all: Netty drops the whole body (covered below)
+        assert b"+" in b64 or b"/" in b64
+        out, ctx = predict(handler, form_decode(b64), ct)  # curl --data-binary @img.b64
+        assert out.get("label") == TSHIRT, out
+    # curl -d "data=<base64>" ('+' arrives as ' ') and --data-urlencode data@img.b64
+    b64 = base64.b64encode(jpg)
+    assert predict(handler, form_decode(b"data=" + b64), ct)[0]["label"] == TSHIRT
+    from urllib.parse import quote_plus
+
+    assert predict(handler, form_decode(b"data=" + quote_plus(b64).encode()), ct)[0]["label"] == TSHIRT
+
+
+def test_form_urlencoded_binary_gets_a_helpful_415(handler, photo):
+    ct = "application/x-www-form-urlencoded"
+    png = encode(photo, "PNG")
+    for row in (form_decode(png), {}):  # mangled binary; body dropped entirely
+        out, ctx = predict(handler, row, ct)
+        assert ctx.statuses[0][0] == 415, out
+        assert out["code"] == 415 and out["reason"] == "form_urlencoded"
+        assert "application/octet-stream" in out["error"]
+
+
+# --------------------------------------------------------------------------- bad input
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height (8-bit gray) with almost no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def bomb_png() -> bytes:
+    """A real decompression bomb: 8000x8000 = 64 Mpx of zeros in a ~10 KB PNG."""
+    return encode(Image.new("1", (8000, 8000)), "PNG")
+
+
+def bad_inputs(bomb_png: bytes) -> dict:
+    jpg = (SAMPLES / "tshirt4.jpg").read_bytes()
+    return {
+        "empty body": ({"body": b""}, 400, "empty_body"),
+        "no body at all": ({}, 400, "empty_body"),
+        "not an image (text)": ({"body": b"hello, this is not an image"}, 415, "not_an_image"),
+        "not an image (binary)": ({"body": bytes(range(256)) * 4}, 415, "not_an_image"),
+        "base64 of not an image": ({"body": base64.b64encode(b"plain text, no image")}, 415, "not_an_image"),
+        "truncated JPEG": ({"body": jpg[: len(jpg) // 2]}, 400, "corrupt_image"),
+        "truncated PNG": ({"body": encode(Image.new("L", (64, 64), 128), "PNG")[:60]}, 400, "corrupt_image"),
+        "header-only PNG 100000x100000": ({"body": png_header_only(100_000, 100_000)}, 413, "image_too_large"),
+        "decompression bomb 8000x8000": ({"body": bomb_png}, 413, "image_too_large"),
+        "1x1 image": ({"body": encode(Image.new("L", (1, 1), 200), "PNG")}, 422, "image_too_small"),
+        "1000x1 image": ({"body": encode(Image.new("L", (1000, 1), 200), "PNG")}, 422, "image_too_small"),
+        "JSON without data": ({"body": {"foo": "bar"}}, 400, "bad_json"),
+        "JSON list": ({"body": [1, 2, 3]}, 400, "bad_json"),
+        "JSON with bad base64": ({"body": {"data": "!!!not base64!!!"}}, 400, "bad_base64"),
+    }
+
+
+def test_bad_inputs_each_get_their_status(handler, bomb_png):
+    for name, (row, code, reason) in bad_inputs(bomb_png).items():
+        out, ctx = predict(handler, row)
+        assert ctx.statuses.get(0, (200,))[0] == code, (name, out)
+        assert out == {"error": out["error"], "code": code, "reason": reason}, (name, out)
+        assert isinstance(out["error"], str) and out["error"], name
+        assert ctx.response_headers[0]["content-type"] == "application/json"
+
+
+def test_pixel_cap_is_configurable(model_dir):
+    h = FashionMNISTHandler()
+    h.initialize(FakeContext(model_dir, yaml_config={"handler": {"max_image_pixels": 10_000, "intra_op_threads": 1}}))
+    ok = encode(Image.new("L", (100, 100), 50), "PNG")
+    too_big = encode(Image.new("L", (101, 100), 50), "PNG")
+    assert "label" in predict(h, {"body": ok})[0]
+    out, ctx = predict(h, {"body": too_big})
+    assert ctx.statuses[0][0] == 413 and "10000" in out["error"]
+    Image.MAX_IMAGE_PIXELS = 40_000_000  # restore the module-wide value other tests expect
+
+
+def test_batch_with_bad_items(handler, bomb_png, test_set):
+    """Bad requests get their own status; the good ones of the same batch one forward pass."""
+    images, _ = test_set
+    good = [png_bytes(images[i]) for i in range(5)]
+    rows = [
+        {"body": good[0]},
+        {"body": b""},
+        {"body": good[1]},
+        {"body": b"not an image"},
+        {"body": good[2]},
+        {"body": bomb_png},
+        {"body": encode(Image.new("L", (1, 1)), "PNG")},
+        {"body": good[3]},
+    ]
+    calls = []
+    original = handler.model.forward
+
+    def spy(x):
+        calls.append(tuple(x.shape))
+        return original(x)
+
+    handler.model.forward = spy
+    try:
+        ctx = FakeContext("/nonexistent")
+        out = handler.handle(rows, ctx)
+    finally:
+        del handler.model.forward
+    assert calls == [(4, 1, 28, 28)]  # one forward pass for the 4 good requests
+    assert {i: s[0] for i, s in ctx.statuses.items()} == {1: 400, 3: 415, 5: 413, 6: 422}
+    direct = train.predict(handler.model, train.to_float(images[:4]))
+    for i, k in zip((0, 2, 4, 7), range(4)):
+        assert out[i]["index"] == int(direct[k]), (i, out[i])
+    assert all(ctx.response_headers[i]["content-type"] == "application/json" for i in range(len(rows)))
+
+
+def test_batch_of_only_bad_items_makes_no_forward_pass(handler):
+    ctx = FakeContext("/nonexistent")
+    out = handler.handle([{"body": b""}, {"body": b"x"}], ctx)
+    assert [o["code"] for o in out] == [400, 415]
+
+
+def test_unexpected_error_is_contained(handler, monkeypatch):
+    jpg = (SAMPLES / "tshirt3.jpeg").read_bytes()
+    real = handler.to_model_image
+    calls = {"n": 0}
+
+    def flaky(img):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ZeroDivisionError("boom")
+        return real(img)
+
+    monkeypatch.setattr(handler, "to_model_image", flaky)
+    ctx = FakeContext("/nonexistent")
+    out = handler.handle([{"body": jpg}, {"body": jpg}], ctx)
+    assert ctx.statuses[0][0] == 400 and out[0]["reason"] == "bad_input"
+    assert out[1]["label"] == TSHIRT
+
+
+def test_yaml_contract_parses(handler):
+    cfg = FashionMNISTHandler._read_config(yaml_dict())
+    assert cfg["topk"] == 3 and cfg["intra_op_threads"] == 1 and cfg["max_image_pixels"] == 40_000_000
+    with pytest.raises(ValueError):
+        FashionMNISTHandler._read_config({"handler": {"invert": "sometimes"}})
