@@ -1,0 +1,52 @@
+"""TLS mode: the public endpoint answers over HTTPS with the host's own
+(self-signed) certificate; plain HTTP redirects; only inference is public."""
+import json
+
+import pytest
+import requests
+
+from deploy_helpers import REPO
+
+pytestmark = pytest.mark.deploy
+SAMPLES = REPO / "files/samples"
+
+
+@pytest.mark.parametrize("photo", ["tshirt3.jpeg", "tshirt4.jpg"])
+def test_https_prediction_verified_against_host_certificate(deployed_host, host_ca, photo):
+    r = requests.put(f"{deployed_host.https}/predictions/fmnist", data=(SAMPLES / photo).read_bytes(),
+                     verify=host_ca, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["label"] == "T-shirt/top"
+
+
+def test_http_redirects_to_https(deployed_host):
+    r = requests.get(f"{deployed_host.http}/ping", allow_redirects=False, timeout=10)
+    assert r.status_code == 301
+    assert r.headers["Location"] == f"https://127.0.0.1:{deployed_host.ports['nginx_https_port']}/ping"
+
+
+def test_ping_healthy_over_https(deployed_host, host_ca):
+    r = requests.get(f"{deployed_host.https}/ping", verify=host_ca, timeout=10)
+    assert r.status_code == 200 and json.loads(r.text)["status"] == "Healthy"
+
+
+@pytest.mark.parametrize("path", ["/models", "/models/fmnist", "/metrics", "/api-description", "/predictions/other"])
+def test_management_and_metrics_not_public(deployed_host, host_ca, path):
+    r = requests.get(f"{deployed_host.https}{path}", verify=host_ca, timeout=10)
+    assert r.status_code == 404, (path, r.status_code, r.text)
+
+
+def test_bad_upload_gets_4xx_json_and_service_keeps_serving(deployed_host, host_ca):
+    bad = requests.put(f"{deployed_host.https}/predictions/fmnist", data=b"this is not an image",
+                       verify=host_ca, timeout=30)
+    assert 400 <= bad.status_code < 500, bad.text
+    assert "error" in bad.json()
+    good = requests.put(f"{deployed_host.https}/predictions/fmnist",
+                        data=(SAMPLES / "tshirt4.jpg").read_bytes(), verify=host_ca, timeout=30)
+    assert good.status_code == 200 and good.json()["label"] == "T-shirt/top"
+
+
+def test_oversized_body_refused_by_nginx(deployed_host, host_ca):
+    r = requests.put(f"{deployed_host.https}/predictions/fmnist", data=b"\0" * 7_000_000,
+                     verify=host_ca, timeout=30)
+    assert r.status_code == 413
