@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 import warnings
 
 import torch
@@ -257,6 +258,13 @@ class FashionMNISTHandler(BaseHandler):
             if form:
                 raise self.BadInput(415, "form_urlencoded", "the body is not a decodable image: " + FORM_HINT)
             return data  # let Pillow tell what it is (not an image, truncated, ...)
+        key = text[:16].split("=", 1)[0].strip() if "=" in text[:16] else ""
+        if key in PAYLOAD_KEYS:
+            # A form body ("data=<base64>") that a proxy relabelled as octet-stream
+            # (the shipped nginx site does, so that binary --data-binary survives).
+            fields = urllib.parse.parse_qs(text, keep_blank_values=True)
+            if fields.get(key) and fields[key][0]:
+                return self._b64decode(fields[key][0], form=True)
         try:
             return self._b64decode(text, form, strict=True)
         except self.BadInput:

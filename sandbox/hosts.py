@@ -196,6 +196,34 @@ class Sandbox:
         tmp.rename(hdir / "rootfs")
         (hdir / "host.json").write_text(json.dumps({"name": name, "block": block, "ports": ports}))
 
+    @staticmethod
+    def cgroup_roots() -> list[Path]:
+        """The hierarchies systemd tracks units in: cgroup2 and v1 name=systemd."""
+        roots = []
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            _, where, kind, opts = line.split()[:4]
+            if kind == "cgroup2" or (kind == "cgroup" and "name=systemd" in opts.split(",")):
+                roots.append(Path(where))
+        return roots
+
+    def cgroups(self, name: str) -> list[Path]:
+        # Each host gets its own subtree. Without one, every host shares the
+        # outer root cgroup, so two hosts' torchserve.service share a cgroup
+        # and systemd cannot kill one host's unit (it sees foreign PIDs as 0).
+        leaf = f"sandbox-{name}-{self.record(name)['block']}"
+        return [root / leaf for root in self.cgroup_roots()]
+
+    def remove_cgroups(self, name: str) -> None:
+        for top in self.cgroups(name):
+            if not top.is_dir():
+                continue
+            try:  # children first; each is empty once the host is off
+                for sub in sorted((d for d in top.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+                    sub.rmdir()
+                top.rmdir()
+            except OSError as e:
+                log(f"{name}: could not remove cgroup {top}: {e}")
+
     def boot(self, name: str) -> None:
         if self.pid(name):
             return
@@ -204,12 +232,20 @@ class Sandbox:
         # --register=no --keep-unit: the outer machine has no systemd/dbus.
         # CAP_NET_ADMIN: as on a real server, so units with PrivateNetwork=
         # can bring up their own loopback.
+        cgroups = self.cgroups(name)
+        for cg in cgroups:
+            cg.mkdir(exist_ok=True)
+
+        def enter_own_cgroups() -> None:  # runs in the child, before exec
+            for cg in cgroups:
+                (cg / "cgroup.procs").write_text("0")
+
         proc = subprocess.Popen(
             ["systemd-nspawn", "-b", "-D", str(hdir / "rootfs"), "-M", name,
              "--register=no", "--keep-unit", "--console=read-only",
              "--capability=CAP_NET_ADMIN"],
             stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=enter_own_cgroups,
         )
         (hdir / "nspawn.pid").write_text(f"{proc.pid}\n")
         # Until exec() completes, /proc/PID/cmdline is still ours.
@@ -285,6 +321,7 @@ class Sandbox:
     def stop(self, name: str, timeout: float = 60) -> None:
         pid = self.pid(name)
         if not pid:
+            self.remove_cgroups(name)
             return
         # SIGTERM makes nspawn ask the container's systemd for a clean poweroff.
         os.kill(pid, signal.SIGTERM)
@@ -297,6 +334,7 @@ class Sandbox:
             while self.pid(name):
                 time.sleep(0.2)
         (self.host_dir(name) / "nspawn.pid").unlink(missing_ok=True)
+        self.remove_cgroups(name)
         log(f"{name}: stopped")
 
     def destroy(self, names: list[str]) -> None:

@@ -1,5 +1,6 @@
 """TLS mode: the public endpoint answers over HTTPS with the host's own
 (self-signed) certificate; plain HTTP redirects; only inference is public."""
+import base64
 import json
 
 import pytest
@@ -17,6 +18,19 @@ def test_https_prediction_verified_against_host_certificate(deployed_host, host_
                      verify=host_ca, timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["label"] == "T-shirt/top"
+
+
+def test_curl_data_binary_default_form_type_still_works(deployed_host, host_ca):
+    # curl --data-binary @img.jpg sends application/x-www-form-urlencoded; TorchServe alone
+    # would form-decode the JPEG and fail with 500. nginx hands it over as raw bytes.
+    jpg = (SAMPLES / "tshirt4.jpg").read_bytes()
+    assert b"%" in jpg  # the byte that makes TorchServe's form decoder fail
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    r = requests.post(f"{deployed_host.https}/predictions/fmnist", data=jpg, headers=form, verify=host_ca, timeout=30)
+    assert r.status_code == 200 and r.json()["label"] == "T-shirt/top", r.text[:300]
+    b64 = base64.b64encode(jpg).decode()
+    r = requests.post(f"{deployed_host.https}/predictions/fmnist", data={"data": b64}, verify=host_ca, timeout=30)
+    assert r.status_code == 200 and r.json()["label"] == "T-shirt/top", r.text[:300]
 
 
 def test_http_redirects_to_https(deployed_host):

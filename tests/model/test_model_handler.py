@@ -295,6 +295,20 @@ def test_form_urlencoded_base64_is_recovered(handler):
     assert predict(handler, form_decode(b"data=" + quote_plus(b64).encode()), ct)[0]["label"] == TSHIRT
 
 
+def test_form_body_relabelled_as_octet_stream_is_recovered(handler):
+    # The nginx site turns form-urlencoded into octet-stream (so curl --data-binary @img.jpg
+    # survives); a real form body "data=<base64>" must still work then, escaped or not.
+    from urllib.parse import quote_plus
+
+    b64 = base64.b64encode((SAMPLES / "tshirt3.jpeg").read_bytes())
+    assert b"+" in b64
+    for body in (b"data=" + b64, b"data=" + quote_plus(b64).encode(), b"image=" + b64 + b"&x=1"):
+        out, ctx = predict(handler, body, "application/octet-stream")
+        assert out.get("label") == TSHIRT, (body[:20], out)
+    out, ctx = predict(handler, b"data=not base64 at all!", "application/octet-stream")
+    assert ctx.statuses[0][0] == 400 and out["reason"] == "bad_base64", out
+
+
 def test_form_urlencoded_binary_gets_a_helpful_415(handler, photo):
     ct = "application/x-www-form-urlencoded"
     png = encode(photo, "PNG")
