@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import torch
-from fmnist_support import DATA_DIR, MODEL_SRC, REPO, FashionMNISTModelV2
+from fmnist_support import DATA_DIR, MODEL_SRC, REPO, load_model
 
 
 def test_train_smoke(tmp_path):
@@ -25,11 +25,12 @@ def test_train_smoke(tmp_path):
         "train_metrics.json",
     ]
     state = torch.load(out / "fashion_mnist_tinyvgg.pth", weights_only=True)
-    FashionMNISTModelV2().load_state_dict(state, strict=True)
+    assert state["block_1.0.weight"].shape == (20, 1, 3, 3)  # the committed recipe's width is the default
+    assert load_model(out / "fashion_mnist_tinyvgg.pth")(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     labels = json.loads((out / "index_to_name.json").read_text())
     assert labels["0"] == "T-shirt/top" and labels["9"] == "Ankle boot" and len(labels) == 10
     metrics = json.loads((out / "train_metrics.json").read_text())
-    assert metrics["smoke"] is True and metrics["epochs"] == 1 and metrics["hidden_units"] == 10
+    assert metrics["smoke"] is True and metrics["epochs"] == 1 and metrics["hidden_units"] == 20
     assert metrics["seed"] == 42 and 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["seconds"] > 0
 
 
