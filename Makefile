@@ -7,7 +7,23 @@ DEMO_STATE := .sandbox/demo
 SANDBOX := python3 sandbox/hosts.py
 DEMO := $(SANDBOX) --state-dir $(DEMO_STATE) --prefix demo-host
 
-.PHONY: venv demo demo-destroy lint test bench clean-hosts
+# Debian packages: sandbox hosts (nspawn, debootstrap), the real Fashion-MNIST
+# data, a JRE for the local serving tests, ssh/curl to reach the hosts.
+APT_PACKAGES := systemd-container debootstrap dataset-fashion-mnist openjdk-17-jre-headless \
+                openssh-client curl python3-venv
+HOST_TOOLS := systemd-nspawn debootstrap java ssh curl
+
+.PHONY: deps venv demo demo-destroy lint test bench clean-hosts
+
+# Installs the Debian packages only when something is missing.
+deps:
+	@missing=0; for t in $(HOST_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	  [ -d /usr/share/datasets/fashion-mnist ] || missing=1; \
+	  python3 -c 'import ensurepip' 2>/dev/null || missing=1; \
+	  if [ $$missing = 1 ]; then \
+	    echo "installing Debian packages: $(APT_PACKAGES)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	  fi
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -15,7 +31,7 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 
-demo: venv
+demo: deps venv
 	$(DEMO) create --count 1
 	ansible-playbook -i $(DEMO_STATE)/inventory.yml playbooks/deploy.yml
 	@echo; echo "== systemctl status torchserve (on demo-host1)"
@@ -30,16 +46,16 @@ demo: venv
 demo-destroy:
 	$(DEMO) destroy
 
-lint: venv
+lint: deps venv
 	python3 -m pytest tests/test_lint.py
 
 # One pytest run holds everything (lint, model, molecule, deployment), so its
 # summary line covers the whole suite. Exit code 5 (no tests) is a failure.
-test: venv
+test: deps venv
 	python3 -m pytest; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
-bench: venv
+bench: deps venv
 	python3 benchmarks/deploy_figures.py
 
 # Hosts the tests made, stopped by their recorded PIDs (CI calls this on exit).
