@@ -13,7 +13,7 @@ APT_PACKAGES := systemd-container debootstrap dataset-fashion-mnist openjdk-17-j
                 openssh-client curl python3-venv
 HOST_TOOLS := systemd-nspawn debootstrap java ssh curl
 
-.PHONY: deps venv demo demo-destroy lint test bench clean-hosts
+.PHONY: deps venv demo demo-destroy lint test bench chaos clean-hosts
 
 # Installs the Debian packages only when something is missing.
 deps:
@@ -58,7 +58,12 @@ test: deps venv
 bench: deps venv
 	python3 benchmarks/deploy_figures.py
 
+# The chaos scenario of tests/deploy/test_chaos.py on its own host, as a table.
+chaos: deps venv
+	python3 benchmarks/chaos_figures.py
+
 # Hosts the tests made, stopped by their recorded PIDs (CI calls this on exit).
 clean-hosts:
 	-$(SANDBOX) --state-dir .sandbox/molecule destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest destroy
+	-$(SANDBOX) --state-dir .sandbox/chaos destroy

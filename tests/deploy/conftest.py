@@ -31,3 +31,9 @@ def host_ca(deployed_host: Host, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tls") / "host.crt"
     path.write_text(pem)
     return str(path)
+
+
+def pytest_collection_modifyitems(items):
+    """Chaos tests kill, restart and reboot the shared host: run them after
+    every other test (stable order otherwise)."""
+    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
