@@ -47,7 +47,8 @@ def main() -> None:
                           seed=int(seed) if seed else None)
             res = chaos.run()
         print(f"\n== chaos figures: {res.clients} keep-alive clients through nginx (TLS), {res.total_requests} "
-              f"requests in {res.seconds:.0f} s, {res.workers} workers, batch size {res.batch_size}, seed {res.seed}")
+              f"requests in {res.seconds:.0f} s (load generator CPU {res.client_cpu:.0f} s), {res.workers} workers, "
+              f"batch size {res.batch_size}, seed {res.seed}")
         print(res.table())
         for ev in res.events:
             if ev.detail:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import resource
 import socket
 import ssl
 import subprocess
@@ -212,6 +213,8 @@ class Result:
     before: dict
     after: dict
     seed: int
+    proxy_timeout: float
+    client_cpu: float    # CPU seconds the load generator (this process) used
 
     def table(self) -> str:
         rows = [("event", "requests", "p50 ms", "failed", "next 200 (s)", "workers back (s)", "retried",
@@ -232,6 +235,7 @@ class Chaos:
                  clients: int = 64, proxy_timeout: float = 120, seed: int | None = None):
         self.ssh_argv, self.sandbox_argv, self.host = ssh_argv, sandbox_argv, host
         self.load = Load(url, ca, clients, proxy_timeout + 10)
+        self.proxy_timeout = proxy_timeout
         self.clients = clients
         self.seed = seed if seed is not None else random.randrange(1 << 30)
         self.rng = random.Random(self.seed)
@@ -340,10 +344,12 @@ class Chaos:
         self.wait_back(ev, limit=240)
 
     # ---- the run ------------------------------------------------------------------
-    def run(self, worker_kills: int = 10, jvm_kills: int = 3, warmup: float = 5) -> Result:
+    def run(self, worker_kills: int = 10, jvm_kills: int = 3, restart: bool = True, reload: bool = True,
+            reboot: bool = True, warmup: float = 5) -> Result:
         before = self.snapshot()
         model = next(iter(before["models"].values()))
         t_start = time.monotonic()
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         self.load.start()
         try:
             time.sleep(warmup)
@@ -353,12 +359,16 @@ class Chaos:
                 self.kill_worker(i)
             for i in range(1, jvm_kills + 1):
                 self.kill_jvm(i)
-            self.restart()
-            self.reload_nginx()
-            self.reboot()
+            if restart:
+                self.restart()
+            if reload:
+                self.reload_nginx()
+            if reboot:
+                self.reboot()
             t_end = time.monotonic()
         finally:
             self.load.stop()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
         after = self.snapshot()
         baseline = Event("steady load (baseline)", "baseline", t_start)
         windows = [(baseline, t_start + warmup / 2, self.events[0].t0 if self.events else t_end)]
@@ -376,4 +386,5 @@ class Chaos:
             ok = sorted(r.latency for r in mine if r.ok)
             ev.p50 = ok[len(ok) // 2] if ok else None
         return Result(self.events, baseline, model["batch"], model["min"], self.clients,
-                      time.monotonic() - t_start, len(self.load.records), before, after, self.seed)
+                      time.monotonic() - t_start, len(self.load.records), before, after, self.seed,
+                      self.proxy_timeout, ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime)

@@ -20,8 +20,8 @@ def chaos(deployed_host, host_ca):
     run = Chaos(deployed_host.ssh_argv, SANDBOX, HOST, f"{deployed_host.https}/predictions/fmnist", host_ca,
                 clients=64, proxy_timeout=proxy_timeout)
     res = run.run()
-    print(f"\nchaos seed {res.seed}, {res.total_requests} requests in {res.seconds:.0f} s\n{res.table()}")
-    res.proxy_timeout = proxy_timeout
+    print(f"\nchaos seed {res.seed}, {res.total_requests} requests in {res.seconds:.0f} s"
+          f" (load generator CPU {res.client_cpu:.0f} s)\n{res.table()}")
     return res
 
 
