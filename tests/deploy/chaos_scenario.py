@@ -31,11 +31,12 @@ CONFIG = "/etc/torchserve/config.properties"
 # What the deployment owns; digests before and after must match.
 DIGESTED = [CONFIG, "/etc/systemd/system/torchserve.service", "/etc/nginx/sites-available/torchserve.conf",
             "/opt/torchserve/model-store/*.mar"]
-# A transport error on a keep-alive connection that was reused, before any
-# response byte, is retried once on a fresh connection (RFC 9112 9.3.1 allows
-# it for idempotent PUT; browsers, urllib3 and curl do the same). Counted
-# separately so it stays visible.
-STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+# The server closed a reused keep-alive connection before any response byte
+# (nginx closes idle keep-alive connections on reload; over TLS that shows as
+# an EOF): retried once on a fresh connection, as RFC 9112 9.3.1 allows for an
+# idempotent PUT and browsers, urllib3 and curl do. Counted in the table.
+STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError,
+         ssl.SSLZeroReturnError)
 
 # Run on the host as root: each model's workers (pid, status) from the
 # management socket named in config.properties.
@@ -175,10 +176,10 @@ def _transport(e: Exception) -> str:
         return "refused"
     if isinstance(e, (TimeoutError, socket.timeout)):
         return "timeout"
+    if isinstance(e, ssl.SSLError):
+        return f"tls-error {type(e).__name__}"
     if isinstance(e, STALE):
         return "reset"
-    if isinstance(e, ssl.SSLError):
-        return "tls-error"
     return type(e).__name__
 
 
