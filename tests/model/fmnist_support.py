@@ -44,7 +44,6 @@ responseTimeout: 30
 handler:
   topk: 3
   intra_op_threads: 1
-  max_image_pixels: 40000000
 """
 MODEL_NAME = "fmnist"
 MIN_WORKERS = 2
