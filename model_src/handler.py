@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
 import importlib
 import io
 import json
@@ -97,6 +98,16 @@ MESSAGES = {
 }
 
 
+def _return_big_buffers_to_the_system() -> None:
+    """glibc serves big allocations from the heap once one was freed (its mmap threshold moves up
+    to 32 MB), and a heap seldom shrinks: after a few multi-MB bodies or images the worker kept
+    them. Fixed at 1 MB, every buffer that big is its own mapping and is returned when freed."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _one_line(exc: BaseException) -> str:
     """An exception as one short log line: type, message, and where it was raised."""
     tb = exc.__traceback__
@@ -167,6 +178,7 @@ class FashionMNISTHandler(BaseHandler):
         except RuntimeError:  # already set (e.g. a second handler in the same process)
             pass
         Image.MAX_IMAGE_PIXELS = self.config["max_image_pixels"]
+        _return_big_buffers_to_the_system()
         # The worker json.loads()es application/json and decodes text/* bodies before the handler
         # runs (any JSON, any depth; a traceback per failure). This worker serves only this
         # model: hand every body over as bytes and classify it here (read per request).
@@ -241,6 +253,10 @@ class FashionMNISTHandler(BaseHandler):
             headers = context.get_all_request_header(idx) or {}
         except Exception:  # noqa: BLE001 - a fake or partial context
             return ""
+        # The header map also holds an entry per multipart part: look the usual spellings up first.
+        for key in ("Content-Type", "content-type"):
+            if isinstance(headers.get(key), str):
+                return headers[key].lower()
         for key, value in headers.items():
             if str(key).lower() == "content-type" and isinstance(value, str):
                 return value.lower()
@@ -287,7 +303,7 @@ class FashionMNISTHandler(BaseHandler):
         if not isinstance(payload, (bytes, bytearray)):
             # A number, null, a boolean or a list, decoded by the worker: never used as anything.
             raise self.BadInput("bad_json", f"JSON {type(payload).__name__}")
-        return self._from_bytes(bytes(payload), form, json_type)
+        return self._from_bytes(payload, form, json_type)  # a bytearray as the worker read it: no copy
 
     @staticmethod
     def _text_bytes(value) -> bytes:
@@ -310,7 +326,7 @@ class FashionMNISTHandler(BaseHandler):
     def _parse_json(self, data: bytes, form: bool) -> bytes:
         """A JSON body: a string, or an object with a few keys. Refused by its shape before parsing,
         so that no document becomes a big or deep structure in memory."""
-        first = data.lstrip(_WHITESPACE)[:1]
+        first = data[:64].lstrip(_WHITESPACE)[:1]
         if first == b'"':
             try:
                 text = json.loads(data)
