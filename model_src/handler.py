@@ -47,8 +47,8 @@ FORMAT_NAMES = "JPEG, PNG, GIF, WebP or BMP"
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 #: Keys under which a request may carry the image (form field, JSON key, or TorchServe's "body").
 PAYLOAD_KEYS = ("data", "body", "file", "image", "img", "b64")
-#: An upload is one image: more form fields / multipart parts / query parameters than this
-#: in one request is refused before any of them is looked at.
+#: An upload is one image: more form fields or multipart parts than this in one request
+#: are refused before any of them is looked at.
 MAX_FIELDS = 8
 #: A JSON body is {"data": "<base64>"}: at most this many of each of { [ : , before parsing.
 MAX_JSON_TOKENS = 16
