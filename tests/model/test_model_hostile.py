@@ -102,6 +102,7 @@ NON_IMAGE_JSON = {
 def test_non_image_json_is_refused_fast_and_costs_no_memory(server):
     json_type = {"Content-Type": "application/json"}
     times = {}
+    log_start = len(server.model_log().splitlines())
     for what, body in NON_IMAGE_JSON.items():
         t0 = time.perf_counter()
         resp = post(server, data=body, headers=json_type)
@@ -112,6 +113,11 @@ def test_non_image_json_is_refused_fast_and_costs_no_memory(server):
         assert_good(server, f"good request after {what}")
     print("\nnon-image JSON, seconds per answer:", {k: round(v, 3) for k, v in times.items()})
     print(f"bare number 3000000000: 400 bad_json in {times['bare number 3000000000'] * 1000:.1f} ms")
+    # Each bad request is one line of the handler's (in its batch's line), never a traceback.
+    _handler_ms(server, log_start, "bad_json")  # wait until the frontend has written the lines
+    new_lines = server.model_log().splitlines()[log_start:]
+    assert not [line for line in new_lines if "Traceback" in line or "Failed json decoding" in line], new_lines[-20:]
+    assert sum("bad: #0 400 bad_json" in line for line in new_lines) >= len(NON_IMAGE_JSON), new_lines[-20:]
 
     pids = worker_pids(server)
     before = {pid: status_kb(pid, "VmRSS") for pid in pids}
