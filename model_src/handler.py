@@ -508,8 +508,6 @@ class FashionMNISTHandler(BaseHandler):
         mode = img.mode
         if mode.startswith("I;16"):
             return img.convert("I").point(lambda v: v / 257.0).convert("L")
-        if mode == "P":
-            return FashionMNISTHandler._palette_to_gray(img)
         if mode in ("I", "F"):
             lo, hi = img.getextrema()
             if mode == "F" and hi <= 1.0 and lo >= 0.0:
