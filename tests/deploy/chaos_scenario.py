@@ -106,7 +106,7 @@ class Load:
             return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ctx)
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
-    def once(self, conn: http.client.HTTPConnection) -> tuple[int, str, float | None, bool]:
+    def once(self, conn: http.client.HTTPConnection) -> tuple[int, str, float | None]:
         conn.request("PUT", self.path, body=PHOTO, headers={"Content-Type": "application/octet-stream"})
         resp = conn.getresponse()
         body = resp.read()
@@ -127,27 +127,26 @@ class Load:
             retry_after = float(resp.getheader("Retry-After", ""))
         except ValueError:
             retry_after = None
-        return resp.status, kind, retry_after, False
+        return resp.status, kind, retry_after
 
     def client(self) -> None:
         conn, used = self.connect(), False
         while not self.stop_event.is_set():
-            start = time.monotonic()
+            start, retried = time.monotonic(), False
             try:
                 try:
-                    status, kind, ra, retried = self.once(conn)
+                    status, kind, ra = self.once(conn)
                 except STALE:
                     if not used:
                         raise
                     conn.close()
-                    conn = self.connect()
-                    status, kind, ra, retried = self.once(conn)
-                    retried = True
-                used = True
+                    conn, retried = self.connect(), True
+                    status, kind, ra = self.once(conn)
+                used = conn.sock is not None  # still open for the next request
             except Exception as e:  # every transport failure is a record, not a crash
                 conn.close()
                 conn, used = self.connect(), False
-                status, kind, ra, retried = 0, _transport(e), None, False
+                status, kind, ra = 0, _transport(e), None
             end = time.monotonic()
             rec = Req(start, end, status, kind, ra, retried)
             self.records.append(rec)
