@@ -62,3 +62,4 @@ bench: deps venv
 clean-hosts:
 	-$(SANDBOX) --state-dir .sandbox/molecule destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest destroy
+	-$(SANDBOX) --state-dir .sandbox/pytest-fresh destroy
