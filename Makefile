@@ -66,4 +66,5 @@ chaos: deps venv
 clean-hosts:
 	-$(SANDBOX) --state-dir .sandbox/molecule destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest destroy
+	-$(SANDBOX) --state-dir .sandbox/pytest-fresh destroy
 	-$(SANDBOX) --state-dir .sandbox/chaos destroy

@@ -1,6 +1,7 @@
 """A model given as a prebuilt .mar (built on the controller) is deployed next
-to one built on the host; both answer through nginx, then the default
-deployment is restored."""
+to one built on the host; both answer through nginx and TorchServe's own model
+list (over the management socket) holds both; then the default deployment is
+restored and TorchServe no longer holds the prebuilt one."""
 import json
 import subprocess
 import sys
@@ -20,6 +21,12 @@ FMNIST = {
 }
 
 
+def served_models(host) -> list[str]:
+    status, body = host.management("/models")
+    assert status == 200, body
+    return sorted(m["modelName"] for m in body["models"])
+
+
 def test_prebuilt_mar_is_served_beside_a_host_built_one(deployed_host, host_ca, tmp_path):
     archiver = Path(sys.executable).with_name("torch-model-archiver")
     subprocess.run([str(archiver), "--model-name", "fmnist-prebuilt", "--version", "2.0",
@@ -34,15 +41,21 @@ def test_prebuilt_mar_is_served_beside_a_host_built_one(deployed_host, host_ca, 
         r = deployed_host.playbook("-e", f"@{extra}")
         assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
         assert deployed_host.ssh("test -f /opt/torchserve/model-store/fmnist-prebuilt.mar").returncode == 0
+        assert served_models(deployed_host) == ["fmnist", "fmnist-prebuilt"]
+        assert deployed_host.management("/models/fmnist-prebuilt")[1][0]["modelVersion"] == "2.0"
         for model in ("fmnist", "fmnist-prebuilt"):
             ok = requests.put(f"{deployed_host.https}/predictions/{model}", verify=host_ca, timeout=30,
                               data=(REPO / "files/samples/tshirt4.jpg").read_bytes())
             assert ok.status_code == 200 and ok.json()["label"] == "T-shirt/top", (model, ok.text)
         again = deployed_host.playbook("-e", f"@{extra}")
         assert again.returncode == 0 and recap(again.stdout, deployed_host.name)["changed"] == 0, again.stdout[-3000:]
-    finally:
-        restored = deployed_host.playbook()
-        assert restored.returncode == 0, restored.stdout[-4000:]
+    except BaseException:
+        deployed_host.playbook()  # put the default back for the other tests; the failure above is the report
+        raise
+    restored = deployed_host.playbook()
+    assert restored.returncode == 0, restored.stdout[-4000:]
+    # TorchServe itself no longer holds the model, not just nginx's list of exposed ones.
+    assert served_models(deployed_host) == ["fmnist"]
     gone = requests.put(f"{deployed_host.https}/predictions/fmnist-prebuilt", verify=host_ca, timeout=30,
                         data=(REPO / "files/samples/tshirt4.jpg").read_bytes())
     assert gone.status_code == 404
