@@ -1,49 +1,73 @@
-// Refuses, before TorchServe parses it, a body whose structure is absurd for
-// one image upload: more multipart parts or form fields than
+// Refuses, before TorchServe or the handler parses it, a body whose structure
+// is absurd for one image upload: more multipart parts or form fields than
 // $torchserve_max_parts. Everything else goes on to the proxy untouched.
-// The body is scanned in 64 KB chunks of nginx's file of it
+// The body is read in 64 KB chunks from nginx's file of it
 // (client_body_in_file_only), so the check costs no copy of a large body.
 var fs = require('fs');
 
 var CHUNK = 65536;
 
-// Occurrences of needle (a short ASCII string) in the body, counting stops
-// past `stop`.
-function count(r, needle, stop) {
-    var n = 0;
-    var scan = function (buf) {
-        var i = buf.indexOf(needle);
-        while (i !== -1 && n <= stop) {
-            n++;
-            i = buf.indexOf(needle, i + needle.length);
-        }
-    };
+// Calls visit(chunk, offset) for each chunk of the body until it returns
+// false. Chunks overlap by `overlap` bytes, so a short needle is never cut
+// in two (callers skip matches that start inside the overlap).
+function chunks(r, overlap, visit) {
     var file = r.variables.request_body_file;
     if (!file) {
         var mem = r.requestBuffer;
         if (mem) {
-            scan(mem);
+            visit(mem, 0);
         }
-        return n;
+        return;
     }
     var fd = fs.openSync(file, 'r');
     try {
         var buf = Buffer.alloc(CHUNK);
         var pos = 0;
         var got;
-        // Chunks overlap by needle.length - 1 bytes, so no match is cut in two
-        // and none is counted twice.
-        while (n <= stop && (got = fs.readSync(fd, buf, 0, CHUNK, pos)) > 0) {
-            scan(got === CHUNK ? buf : buf.subarray(0, got));
-            if (got < CHUNK) {
+        while ((got = fs.readSync(fd, buf, 0, CHUNK, pos)) > 0) {
+            if (visit(got === CHUNK ? buf : buf.subarray(0, got), pos) === false || got < CHUNK) {
                 break;
             }
-            pos += got - (needle.length - 1);
+            pos += got - overlap;
         }
     } finally {
         fs.closeSync(fd);
     }
+}
+
+// Occurrences of needle (a short ASCII string), counting stops past `stop`.
+function count(r, needle, stop) {
+    var n = 0;
+    var seen = -1;
+    chunks(r, needle.length - 1, function (buf, offset) {
+        var i = buf.indexOf(needle);
+        while (i !== -1 && n <= stop) {
+            if (offset + i > seen) {
+                n++;
+                seen = offset + i;
+            }
+            i = buf.indexOf(needle, i + needle.length);
+        }
+        return n <= stop;
+    });
     return n;
+}
+
+// The handler form-decodes only an all-ASCII body (a binary --data-binary
+// upload is sent as application/x-www-form-urlencoded too, and may hold any
+// number of '&' bytes): a non-ASCII byte at the start means no form.
+function asciiStart(r) {
+    var ascii = true;
+    chunks(r, 0, function (buf) {
+        for (var i = 0; i < buf.length; i++) {
+            if (buf[i] > 0x7f) {
+                ascii = false;
+                break;
+            }
+        }
+        return false;
+    });
+    return ascii;
 }
 
 function refuse(r, message) {
@@ -60,7 +84,7 @@ function check(r) {
         if (count(r, '\n--', limit) > limit) {
             return refuse(r, 'a multipart body may have at most ' + limit + ' parts');
         }
-    } else if (type.startsWith('application/x-www-form-urlencoded')) {
+    } else if (type.startsWith('application/x-www-form-urlencoded') && asciiStart(r)) {
         if (count(r, '&', limit) + 1 > limit) {
             return refuse(r, 'a form body may have at most ' + limit + ' fields');
         }
