@@ -89,17 +89,22 @@ def served_certificate(host) -> str:
 
 def test_self_signed_certificate_renewed_near_its_end(deployed_host):
     h = deployed_host
+    original = h.ssh(f"cat {CERT}").stdout
     # What the certificate looks like 10 days before its end.
     h.ssh(f"openssl req -x509 -key /etc/nginx/tls/torchserve.key -subj /CN=about-to-expire -days 10 -out {CERT}"
           " && systemctl reload nginx")
-    assert (not_after(h) - datetime.datetime.now(datetime.timezone.utc)).days < 11
-    r = h.playbook()
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert (not_after(h) - datetime.datetime.now(datetime.timezone.utc)).days > 800
-    file_pem = h.ssh(f"cat {CERT}").stdout
-    assert served_certificate(h) == ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(file_pem))
-    assert "about-to-expire" not in h.ssh(f"openssl x509 -subject -noout -in {CERT}").stdout
-    assert_served(h)
+    try:
+        assert (not_after(h) - datetime.datetime.now(datetime.timezone.utc)).days < 11
+        r = h.playbook()
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert (not_after(h) - datetime.datetime.now(datetime.timezone.utc)).days > 800
+        file_pem = h.ssh(f"cat {CERT}").stdout
+        assert served_certificate(h) == ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(file_pem))
+        assert "about-to-expire" not in h.ssh(f"openssl x509 -subject -noout -in {CERT}").stdout
+        assert_served(h)
+    finally:
+        # The session's other tests verify TLS against the certificate they fetched first.
+        h.ssh(f"cat > {CERT} <<'EOF'\n{original}EOF\nsystemctl reload nginx")
 
 
 def test_ipv4_and_ipv6_listen_addresses(deployed_host):
