@@ -1,4 +1,5 @@
-"""Unit tests of model_src/handler.py, calling its methods with a fake context."""
+"""Unit tests of model_src/handler.py (and the decoding.py, preprocessing.py it uses), calling the
+handler with a fake context."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import zlib
 import pytest
 import torch
 from fmnist_support import (
+    BadInput,
     LABELS,
     SAMPLES,
     SEED_WEIGHTS,
@@ -439,7 +441,7 @@ def test_batch_of_only_bad_items_makes_no_forward_pass(handler):
 
 def test_unexpected_error_is_contained(handler, monkeypatch):
     jpg = (SAMPLES / "tshirt3.jpeg").read_bytes()
-    real = handler.to_model_image
+    real = handler.preprocessor.to_model_image
     calls = {"n": 0}
 
     def flaky(img):
@@ -448,7 +450,7 @@ def test_unexpected_error_is_contained(handler, monkeypatch):
             raise ZeroDivisionError("boom")
         return real(img)
 
-    monkeypatch.setattr(handler, "to_model_image", flaky)
+    monkeypatch.setattr(handler.preprocessor, "to_model_image", flaky)
     ctx = FakeContext("/nonexistent")
     out = handler.handle([{"body": jpg}, {"body": jpg}], ctx)
     assert ctx.statuses[0][0] == 400 and out[0]["reason"] == "bad_input"
@@ -498,7 +500,7 @@ def test_non_image_json_is_refused_at_once(handler, name):
         out, ctx = predict(handler, row, "application/json")
         elapsed = time.perf_counter() - t0
         assert ctx.statuses[0][0] == 400 and out["reason"] == "bad_json", (name, out)
-        assert out["error"] == FashionMNISTHandler.BadInput("bad_json").message
+        assert out["error"] == BadInput("bad_json").message
         assert elapsed < 0.5, (name, elapsed)  # classified, never parsed into a structure
 
 
@@ -587,7 +589,7 @@ def test_min_image_side(model_dir):
 def test_pixel_limit_follows_the_decoding_cost(handler):
     """max_image_memory_mb (64): formats that cost more memory per pixel get a lower pixel limit."""
     def limit(img, fmt, **kw):
-        return handler.pixel_limit(Image.open(io.BytesIO(encode(img, fmt, **kw))))
+        return handler.preprocessor.pixel_limit(Image.open(io.BytesIO(encode(img, fmt, **kw))))
 
     rgb = Image.new("RGB", (64, 48))
     mb64 = 64 * 2**20
@@ -605,17 +607,17 @@ def test_pixel_limit_follows_the_decoding_cost(handler):
 
 def test_large_images_are_shrunk_before_conversion(handler):
     for mode, fmt in (("RGBA", "PNG"), ("LA", "PNG"), ("RGB", "PNG"), ("P", "GIF"), ("1", "PNG"), ("L", "JPEG")):
-        img = handler.decode_image(encode(Image.new(mode, (3000, 2000)), fmt))
+        img = handler.preprocessor.decode_image(encode(Image.new(mode, (3000, 2000)), fmt))
         assert min(img.size) < 2 * 256 and img.mode in (mode, "L"), (mode, fmt, img.size, img.mode)
     big16 = Image.new("I;16", (3000, 2000), 40000)
-    img = handler.decode_image(encode(big16, "PNG"))
+    img = handler.preprocessor.decode_image(encode(big16, "PNG"))
     assert min(img.size) < 512 and img.mode.startswith("I;16")
 
 
 def test_error_texts_are_fixed_and_logged_in_one_line(handler, bomb_png, caplog):
     """Clients get our sentences, never a library's exception text; the details go to the log,
     one line per batch and no traceback."""
-    fixed = {reason: FashionMNISTHandler.BadInput(reason).message for reason in ("corrupt_image", "not_an_image", "bad_base64", "bad_json")}
+    fixed = {reason: BadInput(reason).message for reason in ("corrupt_image", "not_an_image", "bad_base64", "bad_json")}
     rows = [v[0] for v in bad_inputs(bomb_png).values()]
     caplog.set_level(logging.DEBUG, logger="handler")
     caplog.clear()
@@ -632,7 +634,7 @@ def test_error_texts_are_fixed_and_logged_in_one_line(handler, bomb_png, caplog)
 
 
 def test_unexpected_error_is_one_log_line(handler, monkeypatch, caplog):
-    monkeypatch.setattr(handler, "to_model_image", lambda img: 1 / 0)
+    monkeypatch.setattr(handler.preprocessor, "to_model_image", lambda img: 1 / 0)
     caplog.set_level(logging.DEBUG, logger="handler")
     caplog.clear()
     out, ctx = predict(handler, {"body": (SAMPLES / "tshirt3.jpeg").read_bytes()})
