@@ -32,6 +32,7 @@ MESSAGES = {
     "not_an_image": (415, f"The body is not an image in a supported format ({FORMAT_NAMES}), nor base64 of one."),
     "form_urlencoded": (415, FORM_HINT),
     "image_too_small": (422, "The image is too small: each side must be at least {min_image_side} pixels."),
+    "explanation_failed": (500, "The explanation could not be computed."),
 }
 
 
@@ -44,6 +45,7 @@ class BadInput(Exception):
         413: "Payload Too Large",
         415: "Unsupported Media Type",
         422: "Unprocessable Entity",
+        500: "Internal Server Error",
     }
 
     def __init__(self, reason: str, detail: str = "", **limits):

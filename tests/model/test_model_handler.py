@@ -649,3 +649,72 @@ def test_worker_hands_json_over_undecoded(handler):
     """initialize() turns off the worker's own JSON/text decoding, which would parse any
     document (any depth, any size) before the handler runs."""
     assert os.environ.get("TS_DECODE_INPUT_REQUEST") == "false"
+
+
+# --------------------------------------------------------------------------- explanations
+def explain_ctx(n: int, explain: set[int]) -> FakeContext:
+    return FakeContext("/nonexistent", request_headers={i: {"explain": "True" if i in explain else "False"} for i in range(n)})
+
+
+def test_explanation_is_integrated_gradients_of_the_prediction(handler):
+    jpg = (SAMPLES / "tshirt3.jpeg").read_bytes()
+    ctx = explain_ctx(1, {0})
+    out = handler.handle([{"body": jpg}], ctx)[0]
+    plain, _ = predict(handler, {"body": jpg})
+    assert {k: out[k] for k in plain} == plain  # the same label, index and probabilities
+    amap = torch.tensor(out["attributions"])
+    assert amap.shape == (28, 28) and out["method"] == "integrated_gradients" and out["n_steps"] == 64
+    # Completeness of IG: the map sums to the target logit's rise from the black baseline.
+    x = handler.image_to_tensor(jpg).unsqueeze(0)
+    with torch.no_grad():
+        rise = float(handler.model(x)[0, out["index"]] - handler.model(torch.zeros_like(x))[0, out["index"]])
+    assert abs(float(amap.sum()) - rise) < 0.05 * abs(rise) + 0.05, (float(amap.sum()), rise)
+    # Pixels that are background (0) in the model's input get no attribution.
+    assert bool((amap[x[0, 0] == 0] == 0).all())
+    assert ctx.response_headers[0]["content-type"] == "application/json"
+
+
+def test_batch_mixes_explanations_predictions_and_errors(handler, test_set, caplog):
+    images, _ = test_set
+    rows = [{"body": png_bytes(images[i])} for i in range(3)] + [{"body": b"junk"}, {"body": png_bytes(images[3])}]
+    ctx = explain_ctx(len(rows), {1, 3, 4})
+    caplog.set_level(logging.INFO, logger="handler")
+    caplog.clear()
+    out = handler.handle(rows, ctx)
+    direct = train.predict(handler.model, train.to_float(images[:4]))
+    assert "attributions" not in out[0] and "attributions" not in out[2]
+    assert len(out[1]["attributions"]) == 28 and len(out[4]["attributions"]) == 28
+    assert [out[i]["index"] for i in (0, 1, 2, 4)] == [int(direct[i]) for i in range(4)]
+    assert out[3]["reason"] == "not_an_image" and ctx.statuses[3][0] == 415
+    lines = [r.getMessage() for r in caplog.records if r.name == "handler"]
+    assert len(lines) == 1 and "size=5 ok=4 errors=1 explained=2" in lines[0], lines
+
+
+def test_explanation_cost_is_configurable(model_dir):
+    h = FashionMNISTHandler()
+    h.initialize(FakeContext(model_dir, yaml_config={"handler": {"intra_op_threads": 1, "explain_n_steps": 8, "explain_internal_batch_size": 4}}))
+    calls = []
+    real = h.model.forward
+    h.model.forward = lambda x: calls.append(x.shape[0]) or real(x)
+    try:
+        out = h.handle([{"body": (SAMPLES / "tshirt4.jpg").read_bytes()}], explain_ctx(1, {0}))[0]
+    finally:
+        del h.model.forward
+    assert out["n_steps"] == 8 and out["label"] == TSHIRT
+    assert calls[0] == 1 and calls[1:] == [4, 4], calls  # the prediction, then 8 steps in chunks of 4
+    for bad in ({"explain_n_steps": 1}, {"explain_n_steps": 100_000}, {"explain_internal_batch_size": 0}):
+        with pytest.raises(ValueError, match="explain_"):
+            FashionMNISTHandler._read_config({"handler": bad})
+
+
+def test_failed_explanation_is_a_500_for_those_requests_only(handler, monkeypatch):
+    def broken(inputs, targets):
+        raise RuntimeError("no captum")
+
+    monkeypatch.setattr(handler, "attribute", broken)
+    jpg = (SAMPLES / "tshirt3.jpeg").read_bytes()
+    ctx = explain_ctx(2, {1})
+    out = handler.handle([{"body": jpg}, {"body": jpg}], ctx)
+    assert out[0]["label"] == TSHIRT and 0 not in ctx.statuses
+    assert ctx.statuses[1] == (500, "Internal Server Error")
+    assert out[1] == {"error": "The explanation could not be computed.", "code": 500, "reason": "explanation_failed"}
