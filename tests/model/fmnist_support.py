@@ -53,9 +53,15 @@ MIN_WORKERS = 2
 if str(MODEL_SRC) not in sys.path:
     sys.path.insert(0, str(MODEL_SRC))
 
+import model  # noqa: E402  (model_src/model.py)
 import train  # noqa: E402  (model_src/train.py)
+from errors import BadInput  # noqa: E402  (model_src/errors.py)
 from handler import FashionMNISTHandler  # noqa: E402  (model_src/handler.py)
-from model import FashionMNISTModelV2  # noqa: E402  (model_src/model.py)
+from model import FashionMNISTModelV2  # noqa: E402
+
+#: What the archive holds besides model.py, the weights and the handler (--extra-files): the
+#: handler's own modules and the labels, as the deployment's model entry lists them.
+EXTRA_FILES = ["model_src/decoding.py", "model_src/preprocessing.py", "model_src/errors.py", "files/index_to_name.json"]
 
 
 # --------------------------------------------------------------------------- data and model
@@ -69,12 +75,8 @@ def test_set():
 
 
 def load_model(weights: Path = WEIGHTS) -> torch.nn.Module:
-    """Build the model sized from the state dict (as the handler does) and load it strictly."""
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    hidden, in_ch = state["block_1.0.weight"].shape[:2]
-    model = FashionMNISTModelV2(input_shape=in_ch, hidden_units=hidden, output_shape=state["classifier.1.weight"].shape[0])
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    """The model sized from the state dict and loaded strictly, as the handler does (model.load)."""
+    return model.load(weights)
 
 
 @pytest.fixture(scope="session")
@@ -113,6 +115,9 @@ class FakeContext:
     def get_all_request_header(self, idx):
         return self.request_headers.get(idx, {})
 
+    def get_request_header(self, idx, key):
+        return self.request_headers.get(idx, {}).get(key)
+
     def set_response_status(self, code=200, phrase="", idx=0):
         self.statuses[idx] = (code, phrase)
 
@@ -122,11 +127,12 @@ class FakeContext:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    """What TorchServe unpacks from the .mar: model.py, the weights, index_to_name.json."""
+    """What TorchServe unpacks from the .mar: model.py, the weights, the extra files."""
     d = tmp_path_factory.mktemp("model_dir")
     shutil.copy(MODEL_SRC / "model.py", d)
     shutil.copy(WEIGHTS, d)
-    shutil.copy(LABELS, d)
+    for name in EXTRA_FILES:
+        shutil.copy(REPO / name, d)
     return d
 
 
@@ -201,7 +207,7 @@ def build_mar(export_dir: Path, config_path: Path) -> Path:
         "--model-file", "model_src/model.py",
         "--serialized-file", "files/fashion_mnist_tinyvgg.pth",
         "--handler", "model_src/handler.py",
-        "--extra-files", "files/index_to_name.json",
+        "--extra-files", ",".join(EXTRA_FILES),
         "-c", str(config_path),
         "--export-path", str(export_dir),
     ]  # fmt: skip
