@@ -230,3 +230,18 @@ def test_nginx_sandbox_keeps_config_test_reload_and_log_rotation(deployed_host, 
     stat = deployed_host.ssh("stat -c '%U %s' /var/log/nginx/access.log").stdout.split()
     assert stat[0] == "www-data" and int(stat[1]) > 0, stat
     assert deployed_host.ssh("systemctl is-active nginx").stdout.strip() == "active"
+
+
+def test_preflight_refuses_queues_that_do_not_fit_the_heap(deployed_host):
+    before = deployed_host.state()
+    r = deployed_host.playbook("-e", "torchserve_job_queue_size=100", "-e", '{"torchserve_vmargs": "-Xmx512m"}')
+    out = " ".join((r.stdout + r.stderr).split())  # the YAML callback folds long messages
+    assert r.returncode != 0
+    # 100 x 6553500 B = 625 MiB of bodies against 3/4 of a 512 MiB heap, named by its three variables.
+    assert "torchserve_job_queue_size=100 x torchserve_max_request_size=6553500" in out, out[-3000:]
+    assert "= 625.0 MiB" in out and "(512 MiB from -Xmx in torchserve_vmargs=" in out, out[-3000:]
+    assert recap(r.stdout, deployed_host.name)["changed"] == 0
+    assert deployed_host.state() == before
+    no_heap = deployed_host.playbook("-e", '{"torchserve_vmargs": "-XX:+ExitOnOutOfMemoryError"}')
+    assert no_heap.returncode != 0 and "(0 MiB from -Xmx in torchserve_vmargs=" in " ".join(no_heap.stdout.split()), \
+        no_heap.stdout[-3000:]
