@@ -16,7 +16,8 @@ pytestmark = pytest.mark.deploy
 FMNIST = {
     "name": "fmnist", "version": "1.0", "model_file": "model_src/model.py",
     "serialized_file": "files/fashion_mnist_tinyvgg.pth", "handler": "model_src/handler.py",
-    "extra_files": ["files/index_to_name.json"], "workers": 1,
+    "extra_files": ["model_src/decoding.py", "model_src/preprocessing.py", "model_src/errors.py",
+                    "files/index_to_name.json"], "workers": 1,
     "smoke_test": {"image": "files/samples/tshirt4.jpg", "label": "T-shirt/top"},
 }
 
@@ -31,7 +32,7 @@ def test_prebuilt_mar_is_served_beside_a_host_built_one(deployed_host, host_ca, 
     archiver = Path(sys.executable).with_name("torch-model-archiver")
     subprocess.run([str(archiver), "--model-name", "fmnist-prebuilt", "--version", "2.0",
                     "--model-file", "model_src/model.py", "--serialized-file", "files/fashion_mnist_tinyvgg.pth",
-                    "--handler", "model_src/handler.py", "--extra-files", "files/index_to_name.json",
+                    "--handler", "model_src/handler.py", "--extra-files", ",".join(FMNIST["extra_files"]),
                     "--export-path", str(tmp_path)], cwd=REPO, check=True)
     prebuilt = {"name": "fmnist-prebuilt", "version": "2.0", "mar": str(tmp_path / "fmnist-prebuilt.mar"),
                 "workers": 1, "smoke_test": {"image": "files/samples/tshirt3.jpeg", "label": "T-shirt/top"}}
