@@ -59,7 +59,15 @@ def test_jvm_sigkill_and_restart_back_within_10s_with_json_503_and_retry_after(c
         assert ev.to_next_200 is not None and ev.to_next_200 <= 10.0, show(ev)
         # Clients see a short, machine-readable refusal: never an HTML page, a
         # dropped connection or a request held until the proxy gives up.
-        bad = [r for r in ev.failed if r.status not in (502, 503) or r.kind != "json" or r.retry_after is None]
+        refused = [r for r in ev.failed if r.status in (502, 503) and r.kind == "json" and r.retry_after is not None]
+        bad = [r for r in ev.failed if r not in refused]
+        if kind == "restart":
+            # TorchServe 0.12 does not drain on stop: the batches its workers
+            # hold when systemd stops them (at most one per worker) get its own
+            # JSON 500; every later request must be nginx's refusal.
+            in_flight = [r for r in bad if r.status == 500 and r.kind == "json"]
+            assert len(in_flight) <= chaos.workers * chaos.batch_size, show(ev)
+            bad = [r for r in bad if r not in in_flight]
         assert not bad, show(ev)
         hung = [r for r in ev.failed if r.end - r.start >= chaos.proxy_timeout]
         assert not hung, show(ev)

@@ -37,7 +37,9 @@ def test_prebuilt_mar_is_served_beside_a_host_built_one(deployed_host, host_ca, 
     prebuilt = {"name": "fmnist-prebuilt", "version": "2.0", "mar": str(tmp_path / "fmnist-prebuilt.mar"),
                 "workers": 1, "smoke_test": {"image": "files/samples/tshirt3.jpeg", "label": "T-shirt/top"}}
     extra = tmp_path / "models.json"
-    extra.write_text(json.dumps({"torchserve_models": [FMNIST, prebuilt]}))
+    # Two models share the JVM heap: their queues must fit it too (preflight),
+    # 2 x 60 x 6.25 MiB = 750 of the 768 MiB it allows.
+    extra.write_text(json.dumps({"torchserve_models": [FMNIST, prebuilt], "torchserve_job_queue_size": 60}))
     try:
         r = deployed_host.playbook("-e", f"@{extra}")
         assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
