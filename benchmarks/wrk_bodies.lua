@@ -2,6 +2,12 @@
 --   wrk -c 32 -d 10s -s wrk_bodies.lua URL -- /predictions/fmnist FILE...
 local requests = {}
 local idx = 0
+local threads = {}
+codes = {} -- per thread: HTTP status (>= 300) -> count, collected in done()
+
+function setup(thread)
+  threads[#threads + 1] = thread
+end
 
 function init(args)
   local path = args[1]
@@ -19,11 +25,27 @@ function request()
   return requests[idx]
 end
 
+function response(status, _, _)
+  if status >= 300 then
+    codes[status] = (codes[status] or 0) + 1
+  end
+end
+
 function done(summary, latency, _)
   local e = summary.errors
+  local total = {}
+  for _, t in ipairs(threads) do
+    for code, n in pairs(t:get("codes")) do
+      total[code] = (total[code] or 0) + n
+    end
+  end
+  local parts = {}
+  for code, n in pairs(total) do
+    parts[#parts + 1] = string.format('"%d": %d', code, n)
+  end
   io.write(string.format(
     'WRKJSON {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, "status": %d, ' ..
-    '"timeout": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, "max_us": %d}\n',
+    '"timeout": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, "max_us": %d, "codes": {%s}}\n',
     summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
+    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max, table.concat(parts, ", ")))
 end

@@ -1,0 +1,52 @@
+"""The serving benchmark's "no nginx" setup on the deployed host: the same TorchServe
+(deployed config.properties and .mar) on a loopback TCP port, the deployed service
+stopped meanwhile and back afterwards."""
+import shutil
+import sys
+import time
+
+import pytest
+import requests
+
+from deploy_helpers import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import serving  # noqa: E402  (benchmarks/serving.py)
+
+pytestmark = pytest.mark.deploy
+PHOTO = (REPO / "files/samples/tshirt4.jpg").read_bytes()
+RAW = {"Content-Type": "application/octet-stream"}
+
+
+def test_direct_instance_answers_like_nginx_and_the_service_comes_back(deployed_host, host_ca, tmp_path):
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk not found: apt-get install wrk (make deps installs it)", pytrace=False)
+    public = f"{deployed_host.https}/predictions/fmnist"
+    via_nginx = requests.put(public, data=PHOTO, headers=RAW, verify=host_ca, timeout=30)
+    assert via_nginx.status_code == 200, via_nginx.text
+    host = serving.Host(deployed_host.ssh_argv, deployed_host.ports)
+
+    with serving.direct_instance(host) as url:
+        assert url.startswith("http://127.0.0.1:")
+        direct = requests.put(url, data=PHOTO, headers=RAW, timeout=30)
+        assert direct.status_code == 200 and direct.json() == via_nginx.json()
+        # One TorchServe on the CPUs at a time: the deployed one is stopped meanwhile.
+        assert deployed_host.ssh("systemctl is-active torchserve", check=False).stdout.strip() != "active"
+        bad = tmp_path / "bad.bin"
+        bad.write_bytes(b"\x00" * 512)
+        assert serving.wrk(url, 4, 1, [bad])["non2xx"] > 0  # the handler's own 4xx comes through
+        load = serving.wrk(url, 4, 1, [REPO / "files/samples/tshirt4.jpg"])
+        assert load["requests"] > 0 and load["errors"] == 0, load
+
+    assert deployed_host.ssh(f"systemctl is-active {serving.DIRECT_UNIT}", check=False).stdout.strip() != "active"
+    deadline = time.monotonic() + 180
+    while True:  # the deployed service is started again and serves through nginx
+        try:
+            r = requests.put(public, data=PHOTO, headers=RAW, verify=host_ca, timeout=5)
+            if r.status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "the deployed service did not come back after the direct run"
+        time.sleep(0.5)
+    assert r.json() == via_nginx.json()
