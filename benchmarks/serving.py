@@ -153,16 +153,23 @@ def wrk(url: str, conns: int, seconds: float, files: list[Path]) -> dict:
     }
 
 
-def measure(url: str, payloads: dict, conc: list[int], seconds: float, warmup: float) -> list[dict]:
+def measure(url: str, payloads: dict, conc: list[int], seconds: float, warmup: float, probe=None) -> list[dict]:
+    """wrk at each concurrency and payload set; probe(), if given, is called after each warm-up and
+    after each measured run, and the difference of its two answers is stored as the row's "server"."""
     rows = []
     for pname, files in payloads.items():
         for c in conc:
             if warmup > 0:
                 wrk(url, c, warmup, files)
+            before = probe() if probe else None
             r = wrk(url, c, seconds, files)
             r.update(payload=pname, c=c)
+            if probe:
+                r["server"] = probe(before)
             log(f"  {pname:5} c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50']:7.2f}  p99 {r['p99']:7.2f} ms  "
                 f"errors {r['errors']}")
+            if not r["requests"]:
+                log(f"  {pname} c={c}: no request completed within {seconds:g} s")
             rows.append(r)
     return rows
 
@@ -334,6 +341,21 @@ def direct_instance(host: Host, mar: bytes | None = None, model: dict | None = N
                  + ("; systemctl start torchserve" if restore else ""), check=False)
 
 
+def handler_log(host: Host, before: int | None = None):
+    """The direct instance's handler log: its length, or (given the length before) the batch sizes
+    and handler times (ms) of the batches logged since, from the handler's own
+    `... batch size=N ... total_ms=T` lines."""
+    log_file = f"{HOST_BENCH_DIR}/logs/model_log.log"
+    if before is None:
+        return int(host.ssh(f"wc -l < {log_file}", check=False).strip() or 0)
+    text = host.ssh(f"tail -n +{before + 1} {log_file}", check=False)
+    batches = [(int(n), float(t)) for n, t in re.findall(r"batch size=(\d+).*?total_ms=([\d.]+)", text)]
+    if not batches:
+        return None
+    sizes, times = sorted(b[0] for b in batches), sorted(b[1] for b in batches)
+    return {"batches": len(batches), "mean_batch": sum(sizes) / len(sizes), "handler_ms_p50": times[len(times) // 2]}
+
+
 @contextmanager
 def local_server(cmd: list[str], url: str, cwd: Path, env: dict | None = None):
     """A server process on this machine, in its own process group, stopped by its PID."""
@@ -461,13 +483,25 @@ def ratios(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def c1_breakdown(rows: list[dict]) -> list[str]:
-    """Where a lone small request's time goes, from the measured medians (differences of p50s)."""
+    """Where a lone small request's time goes, from measured medians (differences of p50s)."""
     n, d, i = pick(rows, "nginx", "png", 1), pick(rows, "direct", "png", 1), pick(rows, "inproc 1p", "png")
-    if not (n and d and i):
-        return []
-    return [f"c=1 png median {n['p50']:.2f} ms = nginx {n['p50'] - d['p50']:.2f} (nginx - direct) + TorchServe "
-            f"frontend, queue/batch wait and worker IPC {d['p50'] - i['p50']:.2f} (direct - in-process) + handler "
-            f"{i['p50']:.2f} (in-process call)"]
+    out = []
+    if n and d:
+        h = (d.get("server") or {}).get("handler_ms_p50")
+        handler = h if h is not None else (i["p50"] if i else None)
+        if handler is not None:
+            src = "the handler's own total_ms in the worker" if h is not None else "the in-process call"
+            out.append(f"c=1 png median {n['p50']:.2f} ms = nginx {n['p50'] - d['p50']:.2f} (nginx - direct) + "
+                       f"TorchServe frontend, batch wait and frontend-worker IPC {d['p50'] - handler:.2f} + "
+                       f"handler {handler:.2f} ({src})")
+    f = pick(rows, "fastapi", "png", 1)
+    if n and f:
+        out.append(f"c=1 png gap to FastAPI: {n['p50']:.2f} vs {f['p50']:.2f} ms median")
+    batches = [r for r in rows if r["setup"] == "direct" and r.get("server")]
+    if batches:
+        out.append("direct TorchServe, mean batch size per point: " + ", ".join(
+            f"{r['payload']} c={r['c']} {r['server']['mean_batch']:.1f}" for r in batches))
+    return out
 
 
 def stall_check(rows: list[dict]) -> list[str]:
@@ -517,7 +551,8 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(payloads), figsize=(6 * len(payloads), 4.5), squeeze=False)
     for ax, p in zip(axes[0], payloads):
         for s in http:
-            pts = sorted((r["c"], r["p50"], r["p99"]) for r in rows if r["setup"] == s and r["payload"] == p)
+            pts = sorted((r["c"], r["p50"], r["p99"]) for r in rows
+                         if r["setup"] == s and r["payload"] == p and r["requests"])
             ax.plot([x[0] for x in pts], [x[1] for x in pts], "o-", color=colors[s], label=f"{LABELS[s]} p50")
             ax.plot([x[0] for x in pts], [x[2] for x in pts], "v--", color=colors[s], alpha=0.7, label="p99")
         ax.set_xscale("log", base=2)
@@ -549,10 +584,10 @@ def run_compare(args, host: Host, payloads: dict) -> None:
     rows, agree = [], {}
     conc = args.concurrency
 
-    def run_http(setup: str, url: str):
+    def run_http(setup: str, url: str, probe=None):
         log(f"{LABELS[setup]}: {url}")
         agree[setup] = answers_agree(url, payloads, expected)
-        for r in measure(url, payloads, conc, args.duration, args.warmup):
+        for r in measure(url, payloads, conc, args.duration, args.warmup, probe):
             r["setup"] = setup
             rows.append(r)
 
@@ -560,7 +595,7 @@ def run_compare(args, host: Host, payloads: dict) -> None:
         run_http("nginx", host.nginx_url)
     if "direct" in args.setups:
         with direct_instance(host) as url:
-            run_http("direct", url)
+            run_http("direct", url, lambda before=None: handler_log(host, before))
     stopped = any(s in args.setups for s in ("article", "fastapi", "inproc"))
     if stopped:  # one server on the CPUs at a time
         host.ssh("systemctl stop torchserve", check=False)
