@@ -1,6 +1,7 @@
 """The serving benchmark's "no nginx" setup on the deployed host: the same TorchServe
 (deployed config.properties and .mar) on a loopback TCP port, the deployed service
 stopped meanwhile and back afterwards."""
+import json
 import shutil
 import sys
 import time
@@ -50,3 +51,34 @@ def test_direct_instance_answers_like_nginx_and_the_service_comes_back(deployed_
         assert time.monotonic() < deadline, "the deployed service did not come back after the direct run"
         time.sleep(0.5)
     assert r.json() == via_nginx.json()
+
+
+DESCRIBE = """
+import http.client, json, socket
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect("%s/run/management.sock")
+c = C("localhost")
+c.request("GET", "/models/fmnist")
+print(c.getresponse().read().decode())
+""" % serving.HOST_BENCH_DIR
+
+
+def test_sweep_settings_reach_the_direct_instance(deployed_host, tmp_path):
+    """What the sweep varies (archive's model-config, models=, netty threads) is what TorchServe runs with."""
+    host = serving.Host(deployed_host.ssh_argv, deployed_host.ports)
+    model = {"workers": 1, "batch_size": 4, "max_batch_delay": 3}
+    config = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 3, "responseTimeout": 30,
+              "handler": {"topk": 3, "intra_op_threads": 2}}
+    mar = serving.build_mar(tmp_path, "fmnist", config, REPO / "model_src/handler.py",
+                            REPO / "files/fashion_mnist_tinyvgg.pth").read_bytes()
+    with serving.direct_instance(host, mar=mar, model=model, netty_threads=1) as url:
+        r = requests.put(url, data=PHOTO, headers=RAW, timeout=30)
+        assert r.status_code == 200 and r.json()["label"] == "T-shirt/top"
+        desc = json.loads(deployed_host.ssh(f"python3 -c '{DESCRIBE}'").stdout)[0]
+        props = deployed_host.ssh(f"cat {serving.HOST_BENCH_DIR}/config.properties").stdout.splitlines()
+        model_log = deployed_host.ssh(f"cat {serving.HOST_BENCH_DIR}/logs/model_log.log").stdout
+    assert (desc["batchSize"], desc["maxBatchDelay"], len(desc["workers"])) == (4, 3, 1), desc
+    assert "number_of_netty_threads=1" in props
+    assert "threads=2" in model_log  # the handler's startup line: the archive's intra_op_threads
