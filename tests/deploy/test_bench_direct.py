@@ -19,6 +19,12 @@ PHOTO = (REPO / "files/samples/tshirt4.jpg").read_bytes()
 RAW = {"Content-Type": "application/octet-stream"}
 
 
+def same_answer(a: dict, b: dict) -> bool:
+    """Same label and classes; probabilities equal up to float noise between worker processes."""
+    return (a["label"], list(a["probabilities"])) == (b["label"], list(b["probabilities"])) and all(
+        abs(a["probabilities"][k] - b["probabilities"][k]) < 1e-5 for k in a["probabilities"])
+
+
 def test_direct_instance_answers_like_nginx_and_the_service_comes_back(deployed_host, host_ca, tmp_path):
     if shutil.which("wrk") is None:
         pytest.fail("wrk not found: apt-get install wrk (make deps installs it)", pytrace=False)
@@ -30,7 +36,7 @@ def test_direct_instance_answers_like_nginx_and_the_service_comes_back(deployed_
     with serving.direct_instance(host) as url:
         assert url.startswith("http://127.0.0.1:")
         direct = requests.put(url, data=PHOTO, headers=RAW, timeout=30)
-        assert direct.status_code == 200 and direct.json() == via_nginx.json()
+        assert direct.status_code == 200 and same_answer(direct.json(), via_nginx.json()), direct.text
         # One TorchServe on the CPUs at a time: the deployed one is stopped meanwhile.
         assert deployed_host.ssh("systemctl is-active torchserve", check=False).stdout.strip() != "active"
         bad = tmp_path / "bad.bin"
@@ -50,7 +56,7 @@ def test_direct_instance_answers_like_nginx_and_the_service_comes_back(deployed_
             pass
         assert time.monotonic() < deadline, "the deployed service did not come back after the direct run"
         time.sleep(0.5)
-    assert r.json() == via_nginx.json()
+    assert same_answer(r.json(), via_nginx.json()), r.text
 
 
 DESCRIBE = """
