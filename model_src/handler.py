@@ -11,46 +11,56 @@ error; the other requests of the batch are answered normally. This works in
 TorchServe 0.12 because the batch-level code stays 200 and the frontend then
 uses each prediction's own status code and phrase; raising an exception
 instead would fail the whole batch.
+
+Hostile input: every body is classified before anything is allocated from it
+(only bytes, a string or a small JSON object with a string image field go on),
+the client never supplies a size, and a decoded image is shrunk before any
+other step, so that the memory one request costs is bounded (README: "Limits").
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
 import importlib
 import io
 import json
 import logging
 import os
 import time
-import urllib.parse
 import warnings
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import list_classes_from_module
 
 logger = logging.getLogger(__name__)
 Image.init()  # register every Pillow plugin, so that Image.open(formats=...) knows them all
 
-#: Formats Pillow may use to decode a request (the JPEG opener also returns MPO, what many
-#: phones write). Restricting Image.open to these keeps exotic decoders out of reach.
-ALLOWED_FORMATS = tuple(f for f in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF") if f in Image.OPEN)
+#: Formats a phone or a browser uploads. Pillow may use only these decoders (the JPEG opener
+#: also returns MPO, what many phones write); TIFF, ICO, PSD, ... are refused on purpose.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
+FORMAT_NAMES = "JPEG, PNG, GIF, WebP or BMP"
 #: Magic numbers of those formats: bytes starting so are decoded as an image, not as base64.
-_IMAGE_MAGIC = (
-    b"\xff\xd8\xff",  # JPEG / MPO
-    b"\x89PNG\r\n\x1a\n",
-    b"GIF87a",
-    b"GIF89a",
-    b"BM",
-    b"II*\x00",  # TIFF little-endian
-    b"MM\x00*",  # TIFF big-endian
-    b"II+\x00",  # BigTIFF
-    b"MM\x00+",
-)
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 #: Keys under which a request may carry the image (form field, JSON key, or TorchServe's "body").
 PAYLOAD_KEYS = ("data", "body", "file", "image", "img", "b64")
+#: An upload is one image: more form fields or multipart parts than this in one request
+#: are refused before any of them is looked at.
+MAX_FIELDS = 8
+#: A JSON body is {"data": "<base64>"}: at most this many of each of { [ : , before parsing.
+MAX_JSON_TOKENS = 16
+#: Decoded images are shrunk at once (JPEG: while decoding) so that the shorter side is at
+#: least this (and less than twice it): every later step works on a small image.
+WORK_SIDE = 256
+_WHITESPACE = b" \t\r\n\x0b\x0c"
+_FORM_ESCAPES = ((b"%2B", b"+"), (b"%2F", b"/"), (b"%3D", b"="), (b"%0A", b"\n"), (b"%0D", b"\r"), (b"%20", b" "))
+
+# Text chunks are never used: keep what a PNG can make Pillow hold for them small.
+PngImagePlugin.MAX_TEXT_CHUNK = 64 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 256 * 1024
 
 SIZE = 28  # Fashion-MNIST images are 28x28, grayscale, light garment on black.
 
@@ -58,23 +68,61 @@ DEFAULTS = {
     "topk": 3,
     "intra_op_threads": None,  # None: max(1, os.cpu_count() // minWorkers)
     "max_image_pixels": 40_000_000,
+    "max_image_memory_mb": 64,
     "min_image_side": 8,
     "invert": "auto",  # auto | always | never
 }
 
 FORM_HINT = (
-    "the body arrived as application/x-www-form-urlencoded (e.g. curl --data-binary without -H), "
+    "The body arrived as application/x-www-form-urlencoded (e.g. curl --data-binary without -H), "
     "which TorchServe form-decodes and which corrupts binary data; send the image with "
     "-H 'Content-Type: application/octet-stream', curl -T FILE, curl -F data=@FILE, "
-    "or as base64 (JSON {\"data\": \"<base64>\"} or --data-urlencode data@FILE.b64)"
+    "or as base64 (JSON {\"data\": \"<base64>\"} or --data-urlencode data@FILE.b64)."
 )
+
+#: The only texts a client sees: fixed sentences (limits filled in from our own config).
+MESSAGES = {
+    "empty_body": (400, "The request has no image: send the image bytes as the body."),
+    "bad_json": (400, 'The JSON body must be an object with the base64 image as a string under "data", "image" or "b64".'),
+    "bad_base64": (400, "The base64 text does not decode."),
+    "corrupt_image": (400, "The image is truncated or corrupt."),
+    "too_many_fields": (400, f"The request has more than {MAX_FIELDS} form fields or parts: send one image."),
+    "bad_input": (400, "The request could not be processed."),
+    "image_too_large": (
+        413,
+        "The image is too large: at most {max_image_pixels} pixels (width x height) are accepted in this format.",
+    ),
+    "not_an_image": (415, f"The body is not an image in a supported format ({FORMAT_NAMES}), nor base64 of one."),
+    "form_urlencoded": (415, FORM_HINT),
+    "image_too_small": (422, "The image is too small: each side must be at least {min_image_side} pixels."),
+}
+
+
+def _return_big_buffers_to_the_system() -> None:
+    """glibc serves big allocations from the heap once one was freed (its mmap threshold moves up
+    to 32 MB), and a heap seldom shrinks: after a few multi-MB bodies or images the worker kept
+    them. Fixed at 1 MB, every buffer that big is its own mapping and is returned when freed."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short log line: type, message, and where it was raised."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}" if tb else ""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}{where}"
 
 
 class FashionMNISTHandler(BaseHandler):
     """Image classifier handler: any common image format -> Fashion-MNIST label."""
 
     class BadInput(Exception):
-        """A client error for one request of a batch: HTTP code, short reason and message."""
+        """A client error for one request of a batch: its reason (a MESSAGES key) and, for the
+        log only, what exactly went wrong."""
 
         PHRASES = {
             400: "Bad Request",
@@ -83,11 +131,13 @@ class FashionMNISTHandler(BaseHandler):
             422: "Unprocessable Entity",
         }
 
-        def __init__(self, code: int, reason: str, message: str):
-            super().__init__(message)
+        def __init__(self, reason: str, detail: str = "", **limits):
+            code, message = MESSAGES[reason]
+            super().__init__(reason)
             self.code = code
             self.reason = reason
-            self.message = message
+            self.message = message.format(**limits) if limits else message
+            self.detail = detail
 
         @property
         def phrase(self) -> str:
@@ -95,6 +145,9 @@ class FashionMNISTHandler(BaseHandler):
 
         def body(self) -> dict:
             return {"error": self.message, "code": self.code, "reason": self.reason}
+
+        def log_text(self) -> str:
+            return f"{self.code} {self.reason}" + (f" ({self.detail})" if self.detail else "")
 
     def __init__(self):
         super().__init__()
@@ -125,6 +178,11 @@ class FashionMNISTHandler(BaseHandler):
         except RuntimeError:  # already set (e.g. a second handler in the same process)
             pass
         Image.MAX_IMAGE_PIXELS = self.config["max_image_pixels"]
+        _return_big_buffers_to_the_system()
+        # The worker json.loads()es application/json and decodes text/* bodies before the handler
+        # runs (any JSON, any depth; a traceback per failure). This worker serves only this
+        # model: hand every body over as bytes and classify it here (read per request).
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
 
         self.device = torch.device("cpu")
         self.map_location = "cpu"
@@ -168,6 +226,7 @@ class FashionMNISTHandler(BaseHandler):
                     cfg[key] = section[key]
         cfg["topk"] = int(cfg["topk"])
         cfg["max_image_pixels"] = int(cfg["max_image_pixels"])
+        cfg["max_image_memory_mb"] = int(cfg["max_image_memory_mb"])
         cfg["min_image_side"] = max(1, int(cfg["min_image_side"]))
         cfg["invert"] = str(cfg["invert"]).lower()
         if cfg["invert"] not in ("auto", "always", "never"):
@@ -194,139 +253,253 @@ class FashionMNISTHandler(BaseHandler):
             headers = context.get_all_request_header(idx) or {}
         except Exception:  # noqa: BLE001 - a fake or partial context
             return ""
+        # The header map also holds an entry per multipart part: look the usual spellings up first.
+        for key in ("Content-Type", "content-type"):
+            if isinstance(headers.get(key), str):
+                return headers[key].lower()
         for key, value in headers.items():
             if str(key).lower() == "content-type" and isinstance(value, str):
                 return value.lower()
         return ""
 
-    def extract_payload(self, row, content_type: str = ""):
-        """Return the image bytes of one request row, or raise BadInput."""
+    def extract_payload(self, row, content_type: str = "") -> bytes:
+        """Return the image bytes of one request row, or raise BadInput.
+
+        A row is what TorchServe made of one request: {field or part name: value}. Only the
+        types checked here go on; nothing the client sent is used as a size or a count."""
         form = content_type.startswith("application/x-www-form-urlencoded")
+        json_type = content_type.startswith("application/json")
         if isinstance(row, dict):
+            if len(row) > MAX_FIELDS:  # a binary body sent as a form is split into many fields too
+                raise self.BadInput("form_urlencoded" if form else "too_many_fields", f"{len(row)} fields")
             payload = None
             for key in PAYLOAD_KEYS:
                 if row.get(key) not in (None, b"", ""):
                     payload = row[key]
                     break
-            if payload is None:
-                if form and row:
+            if payload is None and row:
+                if form:
                     # TorchServe split a raw body at '&' and '=' into "fields": glue them back.
-                    payload = "&".join(
-                        f"{k}={v.decode('utf-8', 'replace') if isinstance(v, (bytes, bytearray)) else v}"
+                    payload = b"&".join(
+                        self._text_bytes(k) + b"=" + self._text_bytes(v)
                         for k, v in row.items()
+                        if isinstance(k, str) and isinstance(v, (bytes, bytearray, str))
                     )
                 else:
-                    payload = next(
-                        (v for v in row.values() if isinstance(v, (bytes, bytearray, str, dict)) and v), None
-                    )
+                    payload = next((v for v in row.values() if v not in (None, b"", "")), None)
         else:
             payload = row
         if payload is None or (isinstance(payload, (bytes, bytearray, str)) and len(payload) == 0):
             if form:
-                raise self.BadInput(415, "form_urlencoded", "no usable data: " + FORM_HINT)
-            raise self.BadInput(400, "empty_body", "empty request: send the image bytes in the body")
-        return self._to_image_bytes(payload, form)
-
-    def _to_image_bytes(self, payload, form: bool) -> bytes:
-        if isinstance(payload, dict):  # JSON body, already decoded by TorchServe
-            for key in PAYLOAD_KEYS:
-                if isinstance(payload.get(key), str) and payload[key]:
-                    return self._b64decode(payload[key], form)
-            raise self.BadInput(400, "bad_json", 'JSON body must look like {"data": "<base64 image>"}')
-        if isinstance(payload, list):
-            raise self.BadInput(400, "bad_json", 'JSON body must look like {"data": "<base64 image>"}')
-        if isinstance(payload, str):
+                raise self.BadInput("form_urlencoded", "no usable field")
+            raise self.BadInput("empty_body")
+        if isinstance(payload, dict):  # JSON the worker decoded itself (decoding left on)
+            return self._from_json_object(payload, form)
+        if isinstance(payload, str):  # text the worker decoded (already parsed, if it was JSON)
             try:
-                return self._b64decode(payload, form)
-            except self.BadInput:
-                if form:
-                    raise self.BadInput(415, "form_urlencoded", "the body is not a decodable image: " + FORM_HINT)
-                raise
-        data = bytes(payload)
+                return self._from_bytes(payload.encode("ascii"), form, json_type=False)
+            except UnicodeEncodeError:
+                raise self.BadInput("form_urlencoded" if form else "not_an_image", "non-ASCII text")
+        if not isinstance(payload, (bytes, bytearray)):
+            # A number, null, a boolean or a list, decoded by the worker: never used as anything.
+            raise self.BadInput("bad_json", f"JSON {type(payload).__name__}")
+        return self._from_bytes(payload, form, json_type)  # a bytearray as the worker read it: no copy
+
+    @staticmethod
+    def _text_bytes(value) -> bytes:
+        if isinstance(value, str):
+            return value.encode("utf-8", "replace")
+        return bytes(value)
+
+    def _from_json_object(self, obj: dict, form: bool) -> bytes:
+        for key in PAYLOAD_KEYS:
+            value = obj.get(key)
+            if value == "":
+                raise self.BadInput("empty_body", "empty JSON string")
+            if isinstance(value, str) and value:
+                try:
+                    return self._b64decode(value.encode("ascii"), form)
+                except UnicodeEncodeError:
+                    raise self.BadInput("bad_base64", "non-ASCII text")
+        raise self.BadInput("bad_json", "no image string in the object")
+
+    def _parse_json(self, data: bytes, form: bool) -> bytes:
+        """A JSON body: a string, or an object with a few keys. Refused by its shape before parsing,
+        so that no document becomes a big or deep structure in memory."""
+        first = data[:64].lstrip(_WHITESPACE)[:1]
+        if first == b'"':
+            try:
+                text = json.loads(data)
+            except (ValueError, RecursionError) as e:
+                raise self.BadInput("bad_json", _one_line(e))
+            if not isinstance(text, str) or not text:
+                raise self.BadInput("empty_body" if text == "" else "bad_json", "JSON string")
+            return self._from_json_object({"data": text}, form)
+        if first != b"{":
+            raise self.BadInput("bad_json", f"JSON starting with {first!r}")
+        for token in (b"{", b"[", b":", b","):
+            if data.count(token) > MAX_JSON_TOKENS:
+                raise self.BadInput("bad_json", f"more than {MAX_JSON_TOKENS} {token.decode()!r}")
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError) as e:  # also UnicodeDecodeError, too many digits
+            raise self.BadInput("bad_json", _one_line(e))
+        if not isinstance(obj, dict):
+            raise self.BadInput("bad_json", type(obj).__name__)
+        return self._from_json_object(obj, form)
+
+    def _from_bytes(self, data: bytes, form: bool, json_type: bool) -> bytes:
         if data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
             return data
-        # Not a known image signature: maybe base64 text or a JSON document sent as bytes.
-        head = data[:64].lstrip()
-        if head[:1] in (b"{", b'"'):
-            try:
-                return self._to_image_bytes(json.loads(data.decode("utf-8")), form)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                pass
-        try:
-            text = data.decode("ascii")
-        except UnicodeDecodeError:
+        head = data[:64].lstrip(_WHITESPACE)
+        if json_type or head[:1] in (b"{", b'"'):
+            return self._parse_json(data, form)
+        if not data.isascii():
             if form:
-                raise self.BadInput(415, "form_urlencoded", "the body is not a decodable image: " + FORM_HINT)
+                raise self.BadInput("form_urlencoded", "binary body")
             return data  # let Pillow tell what it is (not an image, truncated, ...)
-        key = text[:16].split("=", 1)[0].strip() if "=" in text[:16] else ""
+        key = head[:16].split(b"=", 1)[0].strip().decode() if b"=" in head[:16] else ""
         if key in PAYLOAD_KEYS:
             # A form body ("data=<base64>") that a proxy relabelled as octet-stream
             # (the shipped nginx site does, so that binary --data-binary survives).
-            fields = urllib.parse.parse_qs(text, keep_blank_values=True)
-            if fields.get(key) and fields[key][0]:
-                return self._b64decode(fields[key][0], form=True)
+            if data.count(b"&") >= MAX_FIELDS:
+                raise self.BadInput("too_many_fields", "form body")
+            for field in data.split(b"&"):
+                name, _, value = field.partition(b"=")
+                if name.strip().decode() == key:
+                    if not value.strip(_WHITESPACE):
+                        raise self.BadInput("empty_body", "empty form field")
+                    return self._b64decode(value, form=True, quoted=True)
         try:
-            return self._b64decode(text, form, strict=True)
-        except self.BadInput:
+            return self._b64decode(data, form, strict=True)
+        except self.BadInput as e:
             if form:
-                raise self.BadInput(415, "form_urlencoded", "the body is not a decodable image: " + FORM_HINT)
-            raise self.BadInput(415, "not_an_image", "the body is neither an image nor base64 of an image")
+                raise self.BadInput("form_urlencoded", e.detail)
+            raise
 
-    def _b64decode(self, text: str, form: bool, strict: bool = False) -> bytes:
-        text = text.strip()
-        if text.startswith("data:") and "," in text[:100]:  # data URL: data:image/png;base64,....
-            text = text.split(",", 1)[1]
-        if form:  # form decoding turned every '+' of the base64 text into a space
-            text = text.replace(" ", "+")
-        text = "".join(text.split()).rstrip("=")
-        text += "=" * (-len(text) % 4)
+    def _b64decode(self, text: bytes, form: bool, strict: bool = False, quoted: bool = False) -> bytes:
+        """ASCII base64 (or a data: URL, or a form-encoded value) -> bytes; all steps are linear in
+        the length and make no more than two copies of it."""
+        text = text.strip(_WHITESPACE)
+        if text.startswith(b"data:") and b"," in text[:100]:  # data URL: data:image/png;base64,....
+            text = text.split(b",", 1)[1]
+        if quoted and b"%" in text:  # the escapes urlencoding makes of base64 text, nothing else
+            for escape, char in _FORM_ESCAPES:
+                text = text.replace(escape, char).replace(escape.lower(), char)
+        if form or quoted:  # form decoding turned every '+' of the base64 text into a space
+            text = text.replace(b" ", b"+")
+        text = text.translate(None, _WHITESPACE).rstrip(b"=")
+        text += b"=" * (-len(text) % 4)
         try:
             data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            if strict:
-                raise self.BadInput(415, "not_an_image", "the body is neither an image nor valid base64")
-            raise self.BadInput(400, "bad_base64", "the base64 text does not decode")
+        except (binascii.Error, ValueError) as e:
+            raise self.BadInput("not_an_image" if strict else "bad_base64", _one_line(e))
         if not data:
-            raise self.BadInput(400, "empty_body", "the base64 text is empty")
+            raise self.BadInput("empty_body", "empty base64")
         return data
 
     # ------------------------------------------------------------------ decoding and preprocessing
     def decode_image(self, data: bytes) -> Image.Image:
-        """Bytes -> Pillow image (first frame), with size limits checked before decoding pixels."""
+        """Bytes -> small Pillow image (first frame). The size is checked from the header before
+        any pixel is decoded; JPEGs are decoded at reduced scale; anything else is shrunk right
+        after decoding, before the EXIF rotation and the colour conversion."""
         max_pixels = self.config["max_image_pixels"]
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore")
                 img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         except Image.DecompressionBombError as e:
-            raise self.BadInput(413, "image_too_large", f"image too large: {e}")
-        except Image.UnidentifiedImageError:
-            raise self.BadInput(
-                415, "not_an_image", f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
-            )
+            raise self.BadInput("image_too_large", _one_line(e), max_image_pixels=max_pixels)
+        except Image.UnidentifiedImageError as e:
+            raise self.BadInput("not_an_image", _one_line(e))
         except Exception as e:  # noqa: BLE001 - broken headers raise all sorts of errors
-            raise self.BadInput(400, "corrupt_image", f"corrupt image header: {type(e).__name__}: {e}")
+            raise self.BadInput("corrupt_image", _one_line(e))
         width, height = img.size
-        if width * height > max_pixels:
-            raise self.BadInput(
-                413,
-                "image_too_large",
-                f"image too large: {width}x{height} = {width * height} pixels, the limit is {max_pixels}",
-            )
+        limit = self.pixel_limit(img)
+        if width * height > limit:
+            raise self.BadInput("image_too_large", f"{img.format} {img.mode} {width}x{height}", max_image_pixels=limit)
         min_side = self.config["min_image_side"]
         if min(width, height) < min_side:
-            raise self.BadInput(
-                422, "image_too_small", f"image too small: {width}x{height}, each side must be >= {min_side} pixels"
-            )
+            raise self.BadInput("image_too_small", f"{width}x{height}", min_image_side=min_side)
         try:
-            if img.format in ("JPEG", "MPO") and min(width, height) > 512:
-                img.draft(img.mode, (256, 256))  # decode a downscaled JPEG directly (DCT scaling): fast
+            if img.format in ("JPEG", "MPO"):
+                # DCT scaling (down to 1/8) and, for colour JPEGs, only the luma is decoded.
+                img.draft("L", (WORK_SIDE, WORK_SIDE))
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore")
                 img.load()
+            return self.shrink(img)
         except Exception as e:  # noqa: BLE001 - truncated data: OSError, SyntaxError, zlib errors...
-            raise self.BadInput(400, "corrupt_image", f"corrupt or truncated image: {type(e).__name__}: {e}")
-        return img
+            raise self.BadInput("corrupt_image", _one_line(e))
+
+    def pixel_limit(self, img: Image.Image) -> int:
+        """The most pixels an opened (not yet decoded) image may have: max_image_pixels, and no
+        more than fit into max_image_memory_mb at what decoding this format and mode costs."""
+        budget = self.config["max_image_memory_mb"] * 2**20
+        return min(self.config["max_image_pixels"], int(budget / self.bytes_per_pixel(img)))
+
+    @staticmethod
+    def bytes_per_pixel(img: Image.Image) -> float:
+        """Peak worker memory per pixel of decoding an image and shrinking it (measured; README)."""
+        if img.format in ("JPEG", "MPO"):
+            # libjpeg holds every DCT coefficient (2 bytes) of the whole image when it has more than
+            # one scan (progressive, or one scan per component); a header does not tell which, so
+            # count it always. Per component, its share of the luma resolution.
+            layers = getattr(img, "layer", None) or [(0, 1, 1, 0)] * 4
+            h_max = max(h for _, h, _, _ in layers)
+            v_max = max(v for _, _, v, _ in layers)
+            return 0.25 + 2.0 * sum(h * v for _, h, v, _ in layers) / (h_max * v_max)
+        if img.format == "WEBP":
+            return 16.0  # libwebp's RGBA canvas and frame, Pillow's copy, the image
+        if img.mode in ("1", "L", "P"):
+            return 2.0  # the decoded image and its grayscale copy
+        if img.mode.startswith("I;16"):
+            return 2.5
+        return 4.5  # RGB, RGBA, LA, CMYK, I, F: four bytes per pixel and a few strips
+
+    @staticmethod
+    def shrink(img: Image.Image) -> Image.Image:
+        """Reduce a decoded image (box filter) so that its shorter side is < 2 x WORK_SIDE, in a
+        mode of at most the decoded image's bytes per pixel; palette images become grayscale
+        (transparent entries composited on white) without being expanded to RGBA."""
+        if img.mode == "P":
+            img = FashionMNISTHandler._palette_to_gray(img)
+        elif img.mode == "1":
+            img = img.convert("L")
+        factor = min(img.size) // WORK_SIDE
+        if factor < 2:
+            return img
+        size = (img.width // factor, img.height // factor)
+        if img.mode.startswith("I;16") or img.mode == "PA":
+            return img.resize(size, Image.Resampling.BOX)
+        if img.mode not in ("LA", "RGBA"):
+            return img.reduce(factor)
+        # reduce() of a mode with alpha premultiplies a copy of the whole image: go by strips.
+        out = Image.new(img.mode, size)
+        rows = factor * max(1, (4 * 2**20) // (img.width * 4 * factor * factor) * factor or 1)
+        for top in range(0, size[1] * factor, rows):
+            strip = img.crop((0, top, size[0] * factor, min(top + rows, size[1] * factor)))
+            out.paste(strip.reduce(factor), (0, top // factor))
+        return out
+
+    @staticmethod
+    def _palette_to_gray(img: Image.Image) -> Image.Image:
+        palette = img.getpalette("RGBA") or []
+        alpha = palette[3::4]
+        transparency = img.info.get("transparency")
+        if isinstance(transparency, int) and transparency < len(alpha):
+            alpha[transparency] = 0
+        elif isinstance(transparency, (bytes, bytearray)):
+            alpha[: len(transparency)] = list(transparency)[: len(alpha)]
+        lut = []
+        for i, a in enumerate(alpha):
+            r, g, b = palette[4 * i : 4 * i + 3]
+            gray = (r * 299 + g * 587 + b * 114) / 1000  # what convert("L") computes
+            lut.append(round(gray * a / 255 + 255 * (1 - a / 255)))
+        lut += [0] * (256 - len(lut))
+        gray_img = img.point(lut[:256], "L")
+        gray_img.info.pop("transparency", None)
+        return gray_img
 
     @staticmethod
     def to_grayscale(img: Image.Image) -> Image.Image:
@@ -428,8 +601,7 @@ class FashionMNISTHandler(BaseHandler):
             except self.BadInput as e:
                 items.append(e)
             except Exception as e:  # noqa: BLE001 - never let one request fail the batch
-                logger.exception("request %d of the batch: unexpected preprocessing error", idx)
-                items.append(self.BadInput(400, "bad_input", f"could not process the input: {type(e).__name__}"))
+                items.append(self.BadInput("bad_input", "unexpected " + _one_line(e)))
         return items
 
     def inference(self, data, *args, **kwargs):
@@ -471,13 +643,16 @@ class FashionMNISTHandler(BaseHandler):
                 results[idx] = item.body()
                 self._set_status(context, idx, item.code, item.phrase)
             self._set_json(context, idx)
+        # One line per batch, whatever the batch held: the bad requests' details go into it.
+        bad = "; ".join(f"#{i} {item.log_text()}" for i, item in enumerate(items) if isinstance(item, self.BadInput))
         logger.info(
-            "fmnist batch size=%d ok=%d errors=%d forward_ms=%.2f total_ms=%.2f",
+            "fmnist batch size=%d ok=%d errors=%d forward_ms=%.2f total_ms=%.2f%s",
             len(items),
             len(good),
             len(items) - len(good),
             infer_ms,
             (time.perf_counter() - start) * 1000,
+            f" bad: {bad}" if bad else "",
         )
         return results
 

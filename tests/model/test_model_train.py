@@ -46,3 +46,21 @@ def test_train_missing_dataset_is_a_clear_error(tmp_path):
         text=True,
     )
     assert res.returncode != 0 and "dataset-fashion-mnist" in res.stderr
+
+
+def test_retraining_is_bit_identical(tmp_path):
+    """The README's claim that a rerun gives bit-identical weights, on a short run: two --smoke
+    runs with the same seed and threads give equal tensors."""
+
+    def run(out, seed):
+        res = subprocess.run(
+            [sys.executable, str(MODEL_SRC / "train.py"), "--smoke", "--threads", "2", "--seed", str(seed),
+             "--data-dir", str(DATA_DIR), "--out-dir", str(out)],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stdout + res.stderr
+        return torch.load(out / "fashion_mnist_tinyvgg.pth", weights_only=True)
+
+    first, second = run(tmp_path / "a", 42), run(tmp_path / "b", 42)
+    assert first.keys() == second.keys() and len(first) == 10
+    assert all(torch.equal(first[k], second[k]) for k in first)
