@@ -4,6 +4,7 @@ local requests = {}
 local idx = 0
 local threads = {}
 codes = {} -- per thread: HTTP status (>= 300) -> count, collected in done()
+samples = {} -- per thread: HTTP status (>= 300) -> the start of one such answer's body
 
 function setup(thread)
   threads[#threads + 1] = thread
@@ -25,9 +26,12 @@ function request()
   return requests[idx]
 end
 
-function response(status, _, _)
+function response(status, _, body)
   if status >= 300 then
     codes[status] = (codes[status] or 0) + 1
+    if not samples[status] then
+      samples[status] = string.gsub(string.sub(body or "", 1, 160), '[%c"\\]', " ")
+    end
   end
 end
 
@@ -39,13 +43,19 @@ function done(summary, latency, _)
       total[code] = (total[code] or 0) + n
     end
   end
-  local parts = {}
+  local parts, texts = {}, {}
   for code, n in pairs(total) do
     parts[#parts + 1] = string.format('"%d": %d', code, n)
   end
+  for _, t in ipairs(threads) do
+    for code, text in pairs(t:get("samples")) do
+      texts[#texts + 1] = string.format('"%d": "%s"', code, text)
+    end
+  end
   io.write(string.format(
     'WRKJSON {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, "status": %d, ' ..
-    '"timeout": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, "max_us": %d, "codes": {%s}}\n',
+    '"timeout": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, "max_us": %d, "codes": {%s}, "samples": {%s}}\n',
     summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max, table.concat(parts, ", ")))
+    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max, table.concat(parts, ", "),
+    table.concat(texts, ", ")))
 end
