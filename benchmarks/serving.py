@@ -20,11 +20,14 @@ Fashion-MNIST test set, and phone-style JPEGs derived from files/samples/.
 
 Output: a Markdown table (printed and written to benchmarks/results/serving.md),
 the raw figures (serving.json), plots (serving-throughput.png,
-serving-latency.png) and the ratios to the targets of the README.
+serving-latency.png) and the ratios to the serving targets (issue 11).
 
 --sweep instead measures the direct instance under a grid of settings (batch
 size, max batch delay, workers, torch threads, netty threads; one parameter at
-a time from the role defaults) and prints the best.
+a time from the role defaults, keeping each improvement) and prints the best:
+settings with zero errors and p99 <= 3x p50 at c >= 32 first, then the highest
+geometric mean of req/s at c >= 32; within 3 % of it the lower c=1 median wins.
+Written to benchmarks/results/sweep.md.
 
 The sandbox host (state .sandbox/bench) is destroyed at the end unless
 KEEP_HOSTS=1; a running, deployed one is reused.
@@ -751,7 +754,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per point (default 10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each point (default 2)")
-    ap.add_argument("--concurrency", default="1,8,32,64", help="comma list (default 1,8,32,64)")
+    ap.add_argument("--concurrency", help="comma list (default 1,8,32,64; with --sweep 1,32,64)")
     ap.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {','.join(SETUPS)}")
     ap.add_argument("--payloads", default="png,photo", help="comma list of png,photo")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where results go (default benchmarks/results)")
@@ -761,7 +764,7 @@ def main() -> None:
                          "batch_size,max_batch_delay,netty_threads)")
     args = ap.parse_args()
     args.command = "python3 benchmarks/serving.py " + " ".join(sys.argv[1:])
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.concurrency = [int(c) for c in (args.concurrency or ("1,32,64" if args.sweep else "1,8,32,64")).split(",")]
     args.setups = args.setups.split(",")
     unknown = set(args.setups) - set(SETUPS)
     if unknown:
