@@ -73,4 +73,5 @@ bench-sweep: deps venv
 clean-hosts:
 	-$(SANDBOX) --state-dir .sandbox/molecule destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest destroy
+	-$(SANDBOX) --state-dir .sandbox/pytest-fresh destroy
 	-$(SANDBOX) --state-dir .sandbox/bench destroy

@@ -10,8 +10,10 @@ weights.
 
 This file must define exactly one nn.Module subclass: torch-model-archiver's
 --model-file contract (TorchServe instantiates it with no arguments).
+`from_state_dict` builds it sized from a state dict, so the width is stored nowhere else.
 """
 
+import torch
 from torch import nn
 
 
@@ -41,3 +43,17 @@ class FashionMNISTModelV2(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.block_2(self.block_1(x)))
+
+
+def from_state_dict(state: dict) -> FashionMNISTModelV2:
+    """The model sized from a state dict's shapes, its weights loaded strictly, in eval mode."""
+    first = state["block_1.0.weight"]  # [hidden_units, input_shape, 3, 3]
+    last = state["classifier.1.weight"]  # [output_shape, hidden_units * 7 * 7]
+    model = FashionMNISTModelV2(input_shape=first.shape[1], hidden_units=first.shape[0], output_shape=last.shape[0])
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load(weights_path, map_location="cpu") -> FashionMNISTModelV2:
+    """A state-dict file (weights only, nothing unpickled) -> the model, sized from it."""
+    return from_state_dict(torch.load(weights_path, map_location=map_location, weights_only=True))

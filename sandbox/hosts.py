@@ -11,7 +11,7 @@ block of ports; the inventory this tool writes carries them as host vars.
     hosts.py info NAME               one host as JSON (ports, PID, ssh command)
     hosts.py shell NAME [CMD...]     ssh into a host (or run CMD there)
     hosts.py stop NAME | start NAME  power a host off / boot it again
-    hosts.py destroy [NAME]          stop (by recorded PID) and remove
+    hosts.py destroy [NAME]          stop (by recorded PID) and remove what this tool made
 
 State lives in --state-dir (default: .sandbox/default in the repo); the
 debootstrap root is cached in --cache-dir and copied per host.
@@ -63,6 +63,7 @@ class Sandbox:
         self.hosts_dir = self.state / "hosts"
         self.key = self.state / "id_ed25519"
         self.inventory = self.state / "inventory.yml"
+        self.known_hosts = self.state / "known_hosts"
         self.claims = self.cache / "port-blocks"
 
     # ---- cached root file system -------------------------------------
@@ -257,7 +258,7 @@ class Sandbox:
     def ssh_argv(self, name: str) -> list[str]:
         port = self.record(name)["ports"]["ssh"]
         return ["ssh", "-i", str(self.key), "-p", str(port),
-                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
                 "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
                 "root@127.0.0.1"]
 
@@ -273,6 +274,16 @@ class Sandbox:
                 return
             time.sleep(1)
         die(f"{name}: not reachable over ssh after {BOOT_TIMEOUT}s; see {self.host_dir(name) / 'console.log'}")
+
+    def write_known_hosts(self) -> None:
+        """Each host's own public keys (made at provision), so ssh checks them."""
+        lines = []
+        for name in self.names():
+            port = self.record(name)["ports"]["ssh"]
+            for pub in sorted((self.host_dir(name) / "rootfs/etc/ssh").glob("ssh_host_*_key.pub")):
+                kind, key = pub.read_text().split()[:2]
+                lines.append(f"[127.0.0.1]:{port} {kind} {key}")
+        self.known_hosts.write_text("".join(f"{line}\n" for line in lines))
 
     def write_inventory(self) -> None:
         lines = ["# Written by sandbox/hosts.py: local nspawn hosts. Do not edit.",
@@ -291,8 +302,11 @@ class Sandbox:
             "        ansible_user: root",
             f"        ansible_ssh_private_key_file: {self.key}",
             "        ansible_ssh_common_args: >-",
-            "          -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+            f"          -o StrictHostKeyChecking=yes -o UserKnownHostsFile={self.known_hosts}",
             "          -o LogLevel=ERROR",
+            "        # The hosts share the machine's network namespace: nginx on all",
+            "        # addresses would listen on every interface of the machine.",
+            '        nginx_listen_addresses: ["127.0.0.1"]',
             "        # The sandbox hosts reach no Python index: install from a",
             "        # wheelhouse built on the controller.",
             "        torchserve_pip_mode: wheelhouse",
@@ -309,6 +323,7 @@ class Sandbox:
             if not (self.host_dir(name) / "host.json").is_file():
                 self.provision(name)
             self.boot(name)
+        self.write_known_hosts()
         for name in names:
             self.wait_ready(name)
         self.write_inventory()
@@ -338,15 +353,25 @@ class Sandbox:
         log(f"{name}: stopped")
 
     def destroy(self, names: list[str]) -> None:
+        """Remove the named hosts (default: all); with none left, also the key,
+        inventory and known_hosts this tool wrote. Nothing else in the state
+        directory is touched; it is removed only if that leaves it empty."""
         for name in names or self.names():
             self.stop(name)
             self.release_block(name)
             shutil.rmtree(self.host_dir(name), ignore_errors=True)
             log(f"{name}: removed")
-        if not self.names():
-            shutil.rmtree(self.state, ignore_errors=True)
-        else:
+        if self.names():
+            self.write_known_hosts()
             self.write_inventory()
+            return
+        for path in (self.key, Path(f"{self.key}.pub"), self.inventory, self.known_hosts):
+            path.unlink(missing_ok=True)
+        for folder in (self.hosts_dir, self.state):
+            try:
+                folder.rmdir()
+            except OSError:  # absent, or holds files this tool did not write
+                pass
 
     def require(self, name: str) -> None:
         if name not in self.names():

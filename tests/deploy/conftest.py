@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from deploy_helpers import HOST, SANDBOX, Host
+from deploy_helpers import FRESH_SANDBOX, HOST, SANDBOX, Host
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,18 @@ def host_ca(deployed_host: Host, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tls") / "host.crt"
     path.write_text(pem)
     return str(path)
+
+
+@pytest.fixture
+def fresh_host() -> Host:
+    """A bare server no playbook has touched (its own state dir), removed after.
+    One kept by KEEP_HOSTS from an earlier run is replaced: it is not fresh."""
+    subprocess.run(FRESH_SANDBOX + ["destroy"], check=True, timeout=300)
+    subprocess.run(FRESH_SANDBOX + ["create", "--count", "1"], check=True, timeout=600)
+    try:
+        info = json.loads(subprocess.run(FRESH_SANDBOX + ["info", "pytest-fresh1"], check=True, capture_output=True,
+                                         text=True).stdout)
+        yield Host("pytest-fresh1", info["ports"], info["ssh"], info["inventory"])
+    finally:
+        if not os.environ.get("KEEP_HOSTS"):
+            subprocess.run(FRESH_SANDBOX + ["destroy"], timeout=300)

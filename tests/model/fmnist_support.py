@@ -6,6 +6,7 @@ with a message saying what is missing.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,28 +36,46 @@ METRICS = FILES / "train_metrics.json"
 SAMPLES = FILES / "samples"
 SEED_WEIGHTS = FIXTURES / "fashion_mnist_model.pth"
 
-# The model-config.yaml the deployment generates with the role's defaults
-# (roles/torchserve/tasks/model.yml, torchserve_models in its defaults), written out by hand:
-# the collection issue takes it from what the role renders instead.
-MODEL_CONFIG_YAML = """\
-minWorkers: 2
-maxWorkers: 2
-batchSize: 8
-maxBatchDelay: 5
-responseTimeout: 30
-handler:
-  topk: 3
-  intra_op_threads: 1
-"""
 MODEL_NAME = "fmnist"
-MIN_WORKERS = 2
+ROLE_DEFAULTS = REPO / "roles/torchserve/defaults/main.yml"
+RENDER_MODEL_CONFIG = REPO / "tests/model/render_model_config.yml"
+
+
+def _role_model_entry() -> dict:
+    import yaml
+
+    models = yaml.safe_load(ROLE_DEFAULTS.read_text())["torchserve_models"]
+    return next(m for m in models if m["name"] == MODEL_NAME)
+
+
+@functools.lru_cache(maxsize=1)
+def model_config_yaml() -> str:
+    """The model-config.yaml the torchserve role renders for the model, from its
+    own defaults and template (tests/model/render_model_config.yml)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = Path(tmp) / "model-config.yaml"
+        r = subprocess.run([str(VENV_BIN / "ansible-playbook"), str(RENDER_MODEL_CONFIG),
+                            "-e", f"model={MODEL_NAME}", "-e", f"dest={dest}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"rendering the role's model-config failed:\n{r.stdout[-3000:]}{r.stderr[-2000:]}")
+        return dest.read_text()
+
+
+MIN_WORKERS = _role_model_entry()["workers"]
 
 if str(MODEL_SRC) not in sys.path:
     sys.path.insert(0, str(MODEL_SRC))
 
+import model  # noqa: E402  (model_src/model.py)
 import train  # noqa: E402  (model_src/train.py)
+from errors import BadInput  # noqa: E402  (model_src/errors.py)
 from handler import FashionMNISTHandler  # noqa: E402  (model_src/handler.py)
-from model import FashionMNISTModelV2  # noqa: E402  (model_src/model.py)
+from model import FashionMNISTModelV2  # noqa: E402
+
+#: What the archive holds besides model.py, the weights and the handler (--extra-files): the
+#: handler's own modules and the labels, as the deployment's model entry lists them.
+EXTRA_FILES = _role_model_entry()["extra_files"]
 
 
 # --------------------------------------------------------------------------- data and model
@@ -69,12 +89,8 @@ def test_set():
 
 
 def load_model(weights: Path = WEIGHTS) -> torch.nn.Module:
-    """Build the model sized from the state dict (as the handler does) and load it strictly."""
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    hidden, in_ch = state["block_1.0.weight"].shape[:2]
-    model = FashionMNISTModelV2(input_shape=in_ch, hidden_units=hidden, output_shape=state["classifier.1.weight"].shape[0])
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    """The model sized from the state dict and loaded strictly, as the handler does (model.load)."""
+    return model.load(weights)
 
 
 @pytest.fixture(scope="session")
@@ -113,6 +129,9 @@ class FakeContext:
     def get_all_request_header(self, idx):
         return self.request_headers.get(idx, {})
 
+    def get_request_header(self, idx, key):
+        return self.request_headers.get(idx, {}).get(key)
+
     def set_response_status(self, code=200, phrase="", idx=0):
         self.statuses[idx] = (code, phrase)
 
@@ -122,11 +141,12 @@ class FakeContext:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    """What TorchServe unpacks from the .mar: model.py, the weights, index_to_name.json."""
+    """What TorchServe unpacks from the .mar: model.py, the weights, the extra files."""
     d = tmp_path_factory.mktemp("model_dir")
     shutil.copy(MODEL_SRC / "model.py", d)
     shutil.copy(WEIGHTS, d)
-    shutil.copy(LABELS, d)
+    for name in EXTRA_FILES:
+        shutil.copy(REPO / name, d)
     return d
 
 
@@ -140,7 +160,7 @@ def handler(model_dir):
 def yaml_dict():
     import yaml
 
-    return yaml.safe_load(MODEL_CONFIG_YAML)
+    return yaml.safe_load(model_config_yaml())
 
 
 # --------------------------------------------------------------------------- a real TorchServe
@@ -201,7 +221,7 @@ def build_mar(export_dir: Path, config_path: Path) -> Path:
         "--model-file", "model_src/model.py",
         "--serialized-file", "files/fashion_mnist_tinyvgg.pth",
         "--handler", "model_src/handler.py",
-        "--extra-files", "files/index_to_name.json",
+        "--extra-files", ",".join(EXTRA_FILES),
         "-c", str(config_path),
         "--export-path", str(export_dir),
     ]  # fmt: skip
@@ -245,7 +265,7 @@ def server(tmp_path_factory):
         pytest.fail(f"{torchserve} missing: install requirements.txt into the venv", pytrace=False)
     root = tmp_path_factory.mktemp("torchserve")
     config_yaml = root / "model-config.yaml"
-    config_yaml.write_text(MODEL_CONFIG_YAML)
+    config_yaml.write_text(model_config_yaml())
     store = root / "model_store"
     build_mar(store, config_yaml)
     for sub in ("logs", "tmp"):

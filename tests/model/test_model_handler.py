@@ -1,4 +1,5 @@
-"""Unit tests of model_src/handler.py, calling its methods with a fake context."""
+"""Unit tests of model_src/handler.py (and the decoding.py, preprocessing.py it uses), calling the
+handler with a fake context."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import zlib
 import pytest
 import torch
 from fmnist_support import (
+    BadInput,
     LABELS,
     SAMPLES,
     SEED_WEIGHTS,
@@ -439,7 +441,7 @@ def test_batch_of_only_bad_items_makes_no_forward_pass(handler):
 
 def test_unexpected_error_is_contained(handler, monkeypatch):
     jpg = (SAMPLES / "tshirt3.jpeg").read_bytes()
-    real = handler.to_model_image
+    real = handler.preprocessor.to_model_image
     calls = {"n": 0}
 
     def flaky(img):
@@ -448,7 +450,7 @@ def test_unexpected_error_is_contained(handler, monkeypatch):
             raise ZeroDivisionError("boom")
         return real(img)
 
-    monkeypatch.setattr(handler, "to_model_image", flaky)
+    monkeypatch.setattr(handler.preprocessor, "to_model_image", flaky)
     ctx = FakeContext("/nonexistent")
     out = handler.handle([{"body": jpg}, {"body": jpg}], ctx)
     assert ctx.statuses[0][0] == 400 and out[0]["reason"] == "bad_input"
@@ -498,7 +500,7 @@ def test_non_image_json_is_refused_at_once(handler, name):
         out, ctx = predict(handler, row, "application/json")
         elapsed = time.perf_counter() - t0
         assert ctx.statuses[0][0] == 400 and out["reason"] == "bad_json", (name, out)
-        assert out["error"] == FashionMNISTHandler.BadInput("bad_json").message
+        assert out["error"] == BadInput("bad_json").message
         assert elapsed < 0.5, (name, elapsed)  # classified, never parsed into a structure
 
 
@@ -587,7 +589,7 @@ def test_min_image_side(model_dir):
 def test_pixel_limit_follows_the_decoding_cost(handler):
     """max_image_memory_mb (64): formats that cost more memory per pixel get a lower pixel limit."""
     def limit(img, fmt, **kw):
-        return handler.pixel_limit(Image.open(io.BytesIO(encode(img, fmt, **kw))))
+        return handler.preprocessor.pixel_limit(Image.open(io.BytesIO(encode(img, fmt, **kw))))
 
     rgb = Image.new("RGB", (64, 48))
     mb64 = 64 * 2**20
@@ -605,17 +607,17 @@ def test_pixel_limit_follows_the_decoding_cost(handler):
 
 def test_large_images_are_shrunk_before_conversion(handler):
     for mode, fmt in (("RGBA", "PNG"), ("LA", "PNG"), ("RGB", "PNG"), ("P", "GIF"), ("1", "PNG"), ("L", "JPEG")):
-        img = handler.decode_image(encode(Image.new(mode, (3000, 2000)), fmt))
+        img = handler.preprocessor.decode_image(encode(Image.new(mode, (3000, 2000)), fmt))
         assert min(img.size) < 2 * 256 and img.mode in (mode, "L"), (mode, fmt, img.size, img.mode)
     big16 = Image.new("I;16", (3000, 2000), 40000)
-    img = handler.decode_image(encode(big16, "PNG"))
+    img = handler.preprocessor.decode_image(encode(big16, "PNG"))
     assert min(img.size) < 512 and img.mode.startswith("I;16")
 
 
 def test_error_texts_are_fixed_and_logged_in_one_line(handler, bomb_png, caplog):
     """Clients get our sentences, never a library's exception text; the details go to the log,
     one line per batch and no traceback."""
-    fixed = {reason: FashionMNISTHandler.BadInput(reason).message for reason in ("corrupt_image", "not_an_image", "bad_base64", "bad_json")}
+    fixed = {reason: BadInput(reason).message for reason in ("corrupt_image", "not_an_image", "bad_base64", "bad_json")}
     rows = [v[0] for v in bad_inputs(bomb_png).values()]
     caplog.set_level(logging.DEBUG, logger="handler")
     caplog.clear()
@@ -632,7 +634,7 @@ def test_error_texts_are_fixed_and_logged_in_one_line(handler, bomb_png, caplog)
 
 
 def test_unexpected_error_is_one_log_line(handler, monkeypatch, caplog):
-    monkeypatch.setattr(handler, "to_model_image", lambda img: 1 / 0)
+    monkeypatch.setattr(handler.preprocessor, "to_model_image", lambda img: 1 / 0)
     caplog.set_level(logging.DEBUG, logger="handler")
     caplog.clear()
     out, ctx = predict(handler, {"body": (SAMPLES / "tshirt3.jpeg").read_bytes()})
@@ -647,3 +649,72 @@ def test_worker_hands_json_over_undecoded(handler):
     """initialize() turns off the worker's own JSON/text decoding, which would parse any
     document (any depth, any size) before the handler runs."""
     assert os.environ.get("TS_DECODE_INPUT_REQUEST") == "false"
+
+
+# --------------------------------------------------------------------------- explanations
+def explain_ctx(n: int, explain: set[int]) -> FakeContext:
+    return FakeContext("/nonexistent", request_headers={i: {"explain": "True" if i in explain else "False"} for i in range(n)})
+
+
+def test_explanation_is_integrated_gradients_of_the_prediction(handler):
+    jpg = (SAMPLES / "tshirt3.jpeg").read_bytes()
+    ctx = explain_ctx(1, {0})
+    out = handler.handle([{"body": jpg}], ctx)[0]
+    plain, _ = predict(handler, {"body": jpg})
+    assert {k: out[k] for k in plain} == plain  # the same label, index and probabilities
+    amap = torch.tensor(out["attributions"])
+    assert amap.shape == (28, 28) and out["method"] == "integrated_gradients" and out["n_steps"] == 64
+    # Completeness of IG: the map sums to the target logit's rise from the black baseline.
+    x = handler.image_to_tensor(jpg).unsqueeze(0)
+    with torch.no_grad():
+        rise = float(handler.model(x)[0, out["index"]] - handler.model(torch.zeros_like(x))[0, out["index"]])
+    assert abs(float(amap.sum()) - rise) < 0.05 * abs(rise) + 0.05, (float(amap.sum()), rise)
+    # Pixels that are background (0) in the model's input get no attribution.
+    assert bool((amap[x[0, 0] == 0] == 0).all())
+    assert ctx.response_headers[0]["content-type"] == "application/json"
+
+
+def test_batch_mixes_explanations_predictions_and_errors(handler, test_set, caplog):
+    images, _ = test_set
+    rows = [{"body": png_bytes(images[i])} for i in range(3)] + [{"body": b"junk"}, {"body": png_bytes(images[3])}]
+    ctx = explain_ctx(len(rows), {1, 3, 4})
+    caplog.set_level(logging.INFO, logger="handler")
+    caplog.clear()
+    out = handler.handle(rows, ctx)
+    direct = train.predict(handler.model, train.to_float(images[:4]))
+    assert "attributions" not in out[0] and "attributions" not in out[2]
+    assert len(out[1]["attributions"]) == 28 and len(out[4]["attributions"]) == 28
+    assert [out[i]["index"] for i in (0, 1, 2, 4)] == [int(direct[i]) for i in range(4)]
+    assert out[3]["reason"] == "not_an_image" and ctx.statuses[3][0] == 415
+    lines = [r.getMessage() for r in caplog.records if r.name == "handler"]
+    assert len(lines) == 1 and "size=5 ok=4 errors=1 explained=2" in lines[0], lines
+
+
+def test_explanation_cost_is_configurable(model_dir):
+    h = FashionMNISTHandler()
+    h.initialize(FakeContext(model_dir, yaml_config={"handler": {"intra_op_threads": 1, "explain_n_steps": 8, "explain_internal_batch_size": 4}}))
+    calls = []
+    real = h.model.forward
+    h.model.forward = lambda x: calls.append(x.shape[0]) or real(x)
+    try:
+        out = h.handle([{"body": (SAMPLES / "tshirt4.jpg").read_bytes()}], explain_ctx(1, {0}))[0]
+    finally:
+        del h.model.forward
+    assert out["n_steps"] == 8 and out["label"] == TSHIRT
+    assert calls[0] == 1 and calls[1:] == [4, 4], calls  # the prediction, then 8 steps in chunks of 4
+    for bad in ({"explain_n_steps": 1}, {"explain_n_steps": 100_000}, {"explain_internal_batch_size": 0}):
+        with pytest.raises(ValueError, match="explain_"):
+            FashionMNISTHandler._read_config({"handler": bad})
+
+
+def test_failed_explanation_is_a_500_for_those_requests_only(handler, monkeypatch):
+    def broken(inputs, targets):
+        raise RuntimeError("no captum")
+
+    monkeypatch.setattr(handler, "attribute", broken)
+    jpg = (SAMPLES / "tshirt3.jpeg").read_bytes()
+    ctx = explain_ctx(2, {1})
+    out = handler.handle([{"body": jpg}, {"body": jpg}], ctx)
+    assert out[0]["label"] == TSHIRT and 0 not in ctx.statuses
+    assert ctx.statuses[1] == (500, "Internal Server Error")
+    assert out[1] == {"error": "The explanation could not be computed.", "code": 500, "reason": "explanation_failed"}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from fmnist_support import SAMPLES, FashionMNISTHandler
+from fmnist_support import SAMPLES, BadInput, FashionMNISTHandler
 from PIL import Image, ImageDraw
 
 pytestmark = pytest.mark.serving
@@ -108,7 +108,7 @@ def test_non_image_json_is_refused_fast_and_costs_no_memory(server):
         resp = post(server, data=body, headers=json_type)
         times[what] = time.perf_counter() - t0
         assert resp.status_code == 400, (what, resp.status_code, resp.text[:300])
-        assert resp.json() == {"error": FashionMNISTHandler.BadInput("bad_json").message, "code": 400, "reason": "bad_json"}
+        assert resp.json() == {"error": BadInput("bad_json").message, "code": 400, "reason": "bad_json"}
         assert times[what] < 1.0, (what, times[what])
         assert_good(server, f"good request after {what}")
     print("\nnon-image JSON, seconds per answer:", {k: round(v, 3) for k, v in times.items()})
@@ -160,7 +160,7 @@ AT_LIMIT = {
 
 
 def _at_limit(handler: FashionMNISTHandler, make) -> tuple[bytes, int]:
-    limit = handler.pixel_limit(Image.open(io.BytesIO(make(_photo_like(64, 48)))))
+    limit = handler.preprocessor.pixel_limit(Image.open(io.BytesIO(make(_photo_like(64, 48)))))
     height = int((limit * 3 / 4) ** 0.5)
     width = limit // height
     return make(_photo_like(width, height)), width * height
