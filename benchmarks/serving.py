@@ -277,12 +277,22 @@ def ensure_host(sample: bytes) -> Host:
 
 
 # --------------------------------------------------------------------------- servers
-def build_mar(export: Path, name: str, model_config: dict | None, handler: Path, weights: Path) -> Path:
-    """torch-model-archiver as the deployment runs it (model-config.yaml only when given)."""
+def deployed_model() -> dict:
+    """The first model of the torchserve role's defaults (what the deployment serves)."""
+    defaults = yaml.safe_load((REPO / "roles/torchserve/defaults/main.yml").read_text())
+    return defaults["torchserve_models"][0]
+
+
+def build_mar(export: Path, name: str, model_config: dict | None, handler: Path | None = None,
+              weights: Path | None = None) -> Path:
+    """torch-model-archiver as the deployment runs it, from the role's model entry (its handler,
+    weights and extra files unless given; model-config.yaml only when given)."""
+    m = deployed_model()
+    extra = [REPO / f for f in m["extra_files"]] if handler is None else [REPO / "files/index_to_name.json"]
     export.mkdir(parents=True, exist_ok=True)
     cmd = [str(VENV_BIN / "torch-model-archiver"), "--force", "--model-name", name, "--version", "1.0",
-           "--model-file", str(REPO / "model_src/model.py"), "--serialized-file", str(weights),
-           "--handler", str(handler), "--extra-files", str(REPO / "files/index_to_name.json"),
+           "--model-file", str(REPO / m["model_file"]), "--serialized-file", str(weights or REPO / m["serialized_file"]),
+           "--handler", str(handler or REPO / m["handler"]), "--extra-files", ",".join(map(str, extra)),
            "--export-path", str(export)]
     if model_config is not None:
         cfg = export / f"{name}-model-config.yaml"
@@ -670,8 +680,7 @@ def run_compare(args, host: Host, payloads: dict) -> None:
 
 def run_sweep(args, host: Host, payloads: dict) -> None:
     """One parameter at a time from the role defaults; keep the best; print the winners."""
-    defaults = yaml.safe_load((REPO / "roles/torchserve/defaults/main.yml").read_text())
-    m = defaults["torchserve_models"][0]
+    m = deployed_model()
     best = {"workers": m["workers"], "batch_size": m["batch_size"], "max_batch_delay": m["max_batch_delay"],
             "intra_op_threads": m["handler_config"].get("intra_op_threads", 1), "netty_threads": 0}
     grid = {
@@ -698,8 +707,7 @@ def run_sweep(args, host: Host, payloads: dict) -> None:
               "handler": {**m["handler_config"], "intra_op_threads": cfg["intra_op_threads"]}}
         mkey = tuple(sorted((k, str(v)) for k, v in mc.items()))
         if mkey not in mars:
-            mars[mkey] = build_mar(WORK / "sweep", "fmnist", mc, REPO / "model_src/handler.py",
-                                   REPO / "files/fashion_mnist_tinyvgg.pth").read_bytes()
+            mars[mkey] = build_mar(WORK / "sweep", "fmnist", mc).read_bytes()
         log("trial " + " ".join(f"{k}={v}" for k, v in cfg.items()))
         with direct_instance(host, mar=mars[mkey], model=cfg, netty_threads=cfg["netty_threads"],
                              restore=False) as url:

@@ -77,8 +77,7 @@ def test_sweep_settings_reach_the_direct_instance(deployed_host, tmp_path):
     model = {"workers": 1, "batch_size": 4, "max_batch_delay": 3}
     config = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 3, "responseTimeout": 30,
               "handler": {"topk": 3, "intra_op_threads": 2}}
-    mar = serving.build_mar(tmp_path, "fmnist", config, REPO / "model_src/handler.py",
-                            REPO / "files/fashion_mnist_tinyvgg.pth").read_bytes()
+    mar = serving.build_mar(tmp_path, "fmnist", config).read_bytes()
     with serving.direct_instance(host, mar=mar, model=model, netty_threads=1) as url:
         r = requests.put(url, data=PHOTO, headers=RAW, timeout=30)
         assert r.status_code == 200 and r.json()["label"] == "T-shirt/top"
