@@ -8,12 +8,13 @@ SANDBOX := python3 sandbox/hosts.py
 DEMO := $(SANDBOX) --state-dir $(DEMO_STATE) --prefix demo-host
 
 # Debian packages: sandbox hosts (nspawn, debootstrap), the real Fashion-MNIST
-# data, a JRE for the local serving tests, ssh/curl to reach the hosts.
+# data, a JRE for the local serving tests, ssh/curl to reach the hosts, wrk
+# for the serving benchmark.
 APT_PACKAGES := systemd-container debootstrap dataset-fashion-mnist openjdk-17-jre-headless \
-                openssh-client curl python3-venv
-HOST_TOOLS := systemd-nspawn debootstrap java ssh curl
+                openssh-client curl python3-venv wrk
+HOST_TOOLS := systemd-nspawn debootstrap java ssh curl wrk
 
-.PHONY: deps venv demo demo-destroy lint test bench chaos clean-hosts
+.PHONY: deps venv demo demo-destroy lint test bench bench-serving bench-sweep chaos clean-hosts
 
 # Installs the Debian packages only when something is missing.
 deps:
@@ -55,8 +56,18 @@ test: deps venv
 	python3 -m pytest; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
+# Deployment figures on a fresh sandbox host, then the serving figures on the
+# same host (benchmarks/results/serving.md and the plots). KEEP_HOSTS=1 keeps it.
 bench: deps venv
-	python3 benchmarks/deploy_figures.py
+	KEEP_HOSTS=1 python3 benchmarks/deploy_figures.py || { $(SANDBOX) --state-dir .sandbox/bench destroy; exit 1; }
+	python3 benchmarks/serving.py
+
+bench-serving: deps venv
+	python3 benchmarks/serving.py
+
+# Settings sweep of the deployed TorchServe (no nginx); prints the best.
+bench-sweep: deps venv
+	python3 benchmarks/serving.py --sweep
 
 # The chaos scenario of tests/deploy/test_chaos.py on its own host, as a table.
 chaos: deps venv
@@ -68,3 +79,4 @@ clean-hosts:
 	-$(SANDBOX) --state-dir .sandbox/pytest destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest-fresh destroy
 	-$(SANDBOX) --state-dir .sandbox/chaos destroy
+	-$(SANDBOX) --state-dir .sandbox/bench destroy
