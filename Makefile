@@ -63,3 +63,4 @@ clean-hosts:
 	-$(SANDBOX) --state-dir .sandbox/molecule destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest-fresh destroy
+	-$(SANDBOX) --state-dir .sandbox/pytest-collection destroy
