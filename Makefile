@@ -80,3 +80,4 @@ clean-hosts:
 	-$(SANDBOX) --state-dir .sandbox/pytest-fresh destroy
 	-$(SANDBOX) --state-dir .sandbox/chaos destroy
 	-$(SANDBOX) --state-dir .sandbox/bench destroy
+	-$(SANDBOX) --state-dir .sandbox/pytest-collection destroy
