@@ -26,7 +26,8 @@ CALLS = {
 }
 
 
-def preflight(role: str, facts: dict, tmp_path: Path, call: str = "preflight") -> subprocess.CompletedProcess:
+def preflight(role: str, facts: dict, tmp_path: Path, call: str = "preflight",
+              extra_vars: dict | None = None) -> subprocess.CompletedProcess:
     play = tmp_path / "preflight.yml"
     play.write_text("""---
 - name: Preflight with faked facts
@@ -36,7 +37,7 @@ def preflight(role: str, facts: dict, tmp_path: Path, call: str = "preflight") -
 """ + CALLS[call].format(role=role))
     extra = tmp_path / "facts.json"
     extra.write_text(json.dumps({"ansible_facts": facts, "ansible_python_interpreter": sys.executable,
-                                 "torchserve_model_src_root": str(REPO)}))
+                                 "torchserve_model_src_root": str(REPO), **(extra_vars or {})}))
     return subprocess.run([str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,",
                            str(play), "-e", f"@{extra}"], cwd=REPO, capture_output=True, text=True, timeout=300)
 
@@ -59,3 +60,12 @@ def test_preflight_accepts_debian_12_and_loads_its_data(role, tmp_path):
     r = preflight(role, {**BASE, "distribution": "Debian", "distribution_major_version": "12"}, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "Load the distribution's data" in r.stdout and "is not supported" not in r.stdout
+
+
+def test_preflight_refuses_a_zero_batch_delay(tmp_path):
+    """TorchServe 0.12 reads maxBatchDelay 0 as unset and waits its default 100 ms."""
+    model = {"name": "m", "mar": "files/m.mar", "max_batch_delay": 0}
+    r = preflight("torchserve", {**BASE, "distribution": "Debian", "distribution_major_version": "12"}, tmp_path,
+                  extra_vars={"torchserve_models": [model]})
+    assert r.returncode != 0
+    assert "model m is not valid" in r.stdout and "max_batch_delay >= 1" in r.stdout, r.stdout[-3000:]
