@@ -32,9 +32,14 @@ PLAYBOOK = f"""---
 """
 
 
-def galaxy(*argv: str, cwd: Path) -> None:
+def galaxy(*argv: str, cwd: Path, collections: Path | None = None) -> None:
     galaxy_bin = Path(sys.executable).with_name("ansible-galaxy")
-    r = subprocess.run([str(galaxy_bin), *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+    # Only the temporary collections path counts: a copy installed elsewhere
+    # (the user's ~/.ansible) must not make the install a no-op.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    if collections:
+        env["ANSIBLE_COLLECTIONS_PATH"] = str(collections)
+    r = subprocess.run([str(galaxy_bin), *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -56,7 +61,8 @@ def test_collection_deploys_from_another_project(collection_host, tmp_path):
     tarball, = dist.glob("modelserving-torchserve-*.tar.gz")
     # Offline: community.general and community.crypto, the declared
     # dependencies, already come with the ansible package of the venv.
-    galaxy("collection", "install", "--no-deps", "-p", str(collections), str(tarball), cwd=tmp_path)
+    galaxy("collection", "install", "--no-deps", "--force", "-p", str(collections), str(tarball), cwd=tmp_path,
+           collections=collections)
     installed = collections / "ansible_collections/modelserving/torchserve"
     assert (installed / "roles/torchserve/meta/argument_specs.yml").is_file()
     assert not (installed / "tests").exists() and not (installed / "molecule").exists()
