@@ -3,6 +3,7 @@ real playbook run against it."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,16 @@ REPO = Path(__file__).resolve().parents[2]
 STATE = REPO / ".sandbox/pytest"
 SANDBOX = ["python3", str(REPO / "sandbox/hosts.py"), "--state-dir", str(STATE), "--prefix", "pytest-host"]
 HOST = "pytest-host1"
+MANAGEMENT_SOCKET = "/run/torchserve/management/management.sock"
+# An HTTP call over a Unix socket, run on the host (a minimal server has no curl).
+UNIX_HTTP = """
+import http.client, json, socket, sys
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX); self.sock.settimeout(30); self.sock.connect(sys.argv[1])
+c = C("localhost", timeout=30); c.request(sys.argv[3], sys.argv[2]); r = c.getresponse()
+print(json.dumps({"status": r.status, "body": r.read().decode()}))
+"""
 # Never-deployed hosts, one per test that needs a bare server, apart from the
 # session's deployed host so its inventory never lists them together.
 FRESH_SANDBOX = ["python3", str(REPO / "sandbox/hosts.py"), "--state-dir", str(REPO / ".sandbox/pytest-fresh"),
@@ -58,20 +69,21 @@ class Host:
         return {"files": dict(zip(WATCHED, digests)), "torchserve": props[:2], "nginx_pid": nginx_pid,
                 "nginx": nginx}
 
+    def unix_http(self, socket_path: str, path: str, method: str = "GET", user: str | None = None) -> dict:
+        """An HTTP call on a Unix socket of the host, as root or `user`:
+        {"status", "body"}, or {"status": None, "error"} when it cannot connect."""
+        run_as = f"runuser -u {user} -- " if user else ""
+        r = self.ssh(f"{run_as}python3 -c {shlex.quote(UNIX_HTTP)} {socket_path} {shlex.quote(path)} {method}",
+                     check=False)
+        if r.returncode != 0:
+            return {"status": None, "error": r.stderr}
+        return json.loads(r.stdout)
+
     def management(self, path: str) -> tuple[int, object]:
         """GET on TorchServe's own management socket (root may use it), as JSON."""
-        script = ("import http.client, json, socket, sys\n"
-                  "class C(http.client.HTTPConnection):\n"
-                  "    def connect(self):\n"
-                  "        self.sock = socket.socket(socket.AF_UNIX)\n"
-                  "        self.sock.connect('/run/torchserve/management/management.sock')\n"
-                  "c = C('localhost'); c.request('GET', sys.argv[1]); r = c.getresponse()\n"
-                  "print(json.dumps([r.status, json.loads(r.read() or b'null')]))\n")
-        r = subprocess.run(self.ssh_argv + ["python3", "-", path], input=script, capture_output=True, text=True,
-                           timeout=60)
-        assert r.returncode == 0, r.stderr
-        status, body = json.loads(r.stdout)
-        return status, body
+        r = self.unix_http(MANAGEMENT_SOCKET, path)
+        assert r["status"] is not None, r["error"]
+        return r["status"], json.loads(r["body"] or "null")
 
     @property
     def https(self) -> str:

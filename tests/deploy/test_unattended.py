@@ -4,7 +4,6 @@ All on the session's deployed sandbox host, checked from outside."""
 import concurrent.futures
 import json
 import re
-import shlex
 import time
 from pathlib import Path
 
@@ -20,25 +19,6 @@ PHOTO = (REPO / "files/samples/tshirt4.jpg").read_bytes()
 # Largest TorchServe log growth (files + the unit's journal) per request at the default level.
 MAX_LOG_BYTES_PER_REQUEST = 2.0
 REQUESTS = 5000
-
-# An HTTP call over a Unix socket, run on the host (a minimal server has no curl).
-UNIX_HTTP = """
-import http.client, json, socket, sys
-class C(http.client.HTTPConnection):
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX); self.sock.settimeout(30); self.sock.connect(sys.argv[1])
-c = C("localhost", timeout=30); c.request(sys.argv[3], sys.argv[2]); r = c.getresponse()
-print(json.dumps({"status": r.status, "body": r.read().decode()}))
-"""
-
-
-def unix_http(host, socket_path, path, method="GET", user=None):
-    run_as = f"runuser -u {user} -- " if user else ""
-    r = host.ssh(f"{run_as}python3 -c {shlex.quote(UNIX_HTTP)} {socket_path} {shlex.quote(path)} {method}", check=False)
-    if r.returncode != 0:
-        return {"status": None, "error": r.stderr}
-    return json.loads(r.stdout)
-
 
 def model_entry(**changes):
     """The default fmnist entry of the role, with changes."""
@@ -135,14 +115,14 @@ def test_unit_bounds_and_sandbox_scores(deployed_host):
 
 
 def test_sandboxed_service_starts_workers_predicts_and_reports_system_metrics(deployed_host, host_ca):
-    models = json.loads(unix_http(deployed_host, "/run/torchserve/management/management.sock", "/models/fmnist")["body"])
+    models = json.loads(deployed_host.unix_http("/run/torchserve/management/management.sock", "/models/fmnist")["body"])
     assert [w["status"] for w in models[0]["workers"]] == ["READY", "READY"]
     assert requests.put(f"{deployed_host.https}/predictions/fmnist", data=PHOTO, verify=host_ca,
                         timeout=30).json()["label"] == "T-shirt/top"
     # psutil's system metrics (/proc/stat, /proc/meminfo) are collected once a minute.
     deadline, body = time.monotonic() + 150, ""
     while time.monotonic() < deadline:
-        body = unix_http(deployed_host, "/run/torchserve/metrics/metrics.sock", "/metrics", user="torchserve")["body"]
+        body = deployed_host.unix_http("/run/torchserve/metrics/metrics.sock", "/metrics", user="torchserve")["body"]
         if re.search(r"^CPUUtilization\{", body, re.M) and re.search(r"^MemoryUsed\{", body, re.M):
             break
         time.sleep(5)
@@ -178,9 +158,9 @@ def test_socket_folders_and_metrics_socket_permissions(deployed_host):
         "/run/torchserve/management/management.sock 770 torchserve torchserve",
         "/run/torchserve/metrics/metrics.sock 770 torchserve torchserve",
     ])
-    refused = unix_http(deployed_host, "/run/torchserve/metrics/metrics.sock", "/metrics", user="www-data")
+    refused = deployed_host.unix_http("/run/torchserve/metrics/metrics.sock", "/metrics", user="www-data")
     assert refused["status"] is None and "Permission denied" in refused["error"]
-    assert unix_http(deployed_host, "/run/torchserve/metrics/metrics.sock", "/metrics", user="torchserve")["status"] == 200
+    assert deployed_host.unix_http("/run/torchserve/metrics/metrics.sock", "/metrics", user="torchserve")["status"] == 200
 
 
 def test_model_registration_is_refused(deployed_host, tmp_path):
@@ -189,10 +169,10 @@ def test_model_registration_is_refused(deployed_host, tmp_path):
     try:
         for url in ("fmnist.mar", "/opt/torchserve/model-store/fmnist.mar", "/var/lib/torchserve/other.mar",
                     "http://127.0.0.1:9/other.mar"):
-            r = unix_http(deployed_host, sock, f"/models?url={url}&model_name=intruder&initial_workers=1", "POST")
+            r = deployed_host.unix_http(sock, f"/models?url={url}&model_name=intruder&initial_workers=1", "POST")
             assert r["status"] == 405, (url, r)
-        assert unix_http(deployed_host, sock, "/models/fmnist/1.0", "DELETE")["status"] == 405
-        names = [m["modelName"] for m in json.loads(unix_http(deployed_host, sock, "/models")["body"])["models"]]
+        assert deployed_host.unix_http(sock, "/models/fmnist/1.0", "DELETE")["status"] == 405
+        names = [m["modelName"] for m in json.loads(deployed_host.unix_http(sock, "/models")["body"])["models"]]
         assert names == ["fmnist"]
     finally:
         deployed_host.ssh("rm -f /var/lib/torchserve/other.mar")
@@ -205,14 +185,14 @@ def test_version_only_bump_serves_the_new_version(deployed_host, tmp_path):
     try:
         r = deployed_host.playbook("-e", f"@{extra}")
         assert r.returncode == 0, r.stdout[-4000:]
-        desc = json.loads(unix_http(deployed_host, sock, "/models/fmnist")["body"])
+        desc = json.loads(deployed_host.unix_http(sock, "/models/fmnist")["body"])
         assert [d["modelVersion"] for d in desc] == ["1.1"], desc
         again = deployed_host.playbook("-e", f"@{extra}")
         assert again.returncode == 0 and recap(again.stdout, deployed_host.name)["changed"] == 0, again.stdout[-3000:]
     finally:
         restored = deployed_host.playbook()
     assert restored.returncode == 0, restored.stdout[-4000:]
-    desc = json.loads(unix_http(deployed_host, sock, "/models/fmnist")["body"])
+    desc = json.loads(deployed_host.unix_http(sock, "/models/fmnist")["body"])
     assert [d["modelVersion"] for d in desc] == ["1.0"], desc
 
 
