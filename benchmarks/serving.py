@@ -326,6 +326,8 @@ def direct_instance(host: Host, mar: bytes | None = None, model: dict | None = N
         "model_store": store,
         "allowed_urls": f"{store}/.*",
     }
+    if mar is not None:
+        overrides["load_models"] = "fmnist.mar"
     if model is not None:
         overrides["models"] = json.dumps({"fmnist": {"1.0": {
             "defaultVersion": True, "marName": "fmnist.mar", "minWorkers": model["workers"],
