@@ -232,3 +232,19 @@ def test_rollback_playbook_sets_the_previous_version_back(host, ca):
     # The inventory's version (1.0) serves: a deploy changes nothing.
     back = host.playbook()
     assert back.returncode == 0 and recap(back.stdout, host.name)["changed"] == 0, back.stdout[-3000:]
+
+
+def test_a_stopped_server_starts_on_the_new_version(host, tmp_path):
+    """No running server, no management API: the service simply starts with the
+    new config; back to the default version (running) goes through the API."""
+    assert versions(host)[0] == "1.0"
+    host.ssh("systemctl stop torchserve")
+    r = playbook(host, tmp_path, version="1.1")
+    assert r.returncode == 0, r.stdout[-6000:]
+    assert versions(host) == ("1.1", ["1.1"])
+    assert config_versions(host) == ("fmnist-1.1.mar", ["1.1"])
+    pid = main_pid(host)
+    back = host.playbook()
+    assert back.returncode == 0, back.stdout[-6000:]
+    assert main_pid(host) == pid
+    assert versions(host) == ("1.0", ["1.0"])
