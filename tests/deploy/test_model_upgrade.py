@@ -30,7 +30,7 @@ pytestmark = pytest.mark.deploy
 STATE = REPO / ".sandbox/pytest-upgrade"
 SANDBOX = ["python3", str(REPO / "sandbox/hosts.py"), "--state-dir", str(STATE), "--prefix", "pytest-upg"]
 HOST = "pytest-upg1"
-MODEL = yaml.safe_load((REPO / "roles/torchserve/defaults/main.yml").read_text())["torchserve_models"][0]
+MODEL = yaml.safe_load((REPO / "playbooks/vars/fmnist.yml").read_text())["torchserve_models"][0]
 IMAGE = (REPO / "files/samples/tshirt4.jpg").read_bytes()
 CLIENTS = 8
 
