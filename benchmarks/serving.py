@@ -756,13 +756,17 @@ def run_compare(args, host: Host, payloads: dict) -> None:
 
     rows.sort(key=lambda r: (["png", "photo"].index(r["payload"]),
                              [*SETUPS[:-1], "inproc 1p", f"inproc {CORES}p"].index(r["setup"]), r["c"] or 0))
+    write_results(args, rows, agree, describe_payloads(payloads), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  args.load_before, os.getloadavg()[0])
+
+
+def write_results(args, rows: list[dict], agree: dict, pay: dict, when: str, load_before: float,
+                  load_end: float) -> None:
+    """serving.md (table, CPU table, target ratios, notes), serving.json and the plots, into args.out."""
     args.out.mkdir(parents=True, exist_ok=True)
-    pay = describe_payloads(payloads)
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    load = os.getloadavg()[0]
     md = [f"Serving figures, {when}, {CORES} cores, wrk on the same machine (1 thread, keep-alive), "
           f"{args.duration:g} s per point after a {args.warmup:g} s warm-up; load average before the run "
-          f"{args.load_before:.2f}.", "",
+          f"{load_before:.2f}, after it {load_end:.2f}.", "",
           f"Payloads: png = {pay.get('png', '-')}; photo = {pay.get('photo', '-')}.", "",
           f"Command: `{args.command}`", "", table(rows), ""]
     cpu = cpu_table(rows)
@@ -786,13 +790,14 @@ def run_compare(args, host: Host, payloads: dict) -> None:
     md += [f"- {n}" for n in notes]
     text = "\n".join(md) + "\n"
     (args.out / "serving.md").write_text(text)
-    (args.out / "serving.json").write_text(json.dumps({"when": when, "rows": rows, "payloads": pay,
-                                                      "agree": agree, "load_before": args.load_before}, indent=1))
+    (args.out / "serving.json").write_text(json.dumps({
+        "when": when, "rows": rows, "payloads": pay, "agree": agree, "load_before": load_before,
+        "load_end": load_end, "command": args.command, "duration": args.duration, "warmup": args.warmup}, indent=1))
     pngs = plots(rows, args.out)
     print("\n" + text)
     print("written: " + ", ".join(str(p) for p in [args.out / "serving.md", args.out / "serving.json", *pngs]))
-    if load > 1.0:
-        log(f"load average at the end {load:.2f}: figures from a busy machine are not comparable")
+    if load_end > 1.0:
+        log(f"load average at the end {load_end:.2f}: figures from a busy machine are not comparable")
 
 
 def run_sweep(args, host: Host, payloads: dict) -> None:
@@ -905,8 +910,17 @@ def main() -> None:
     ap.add_argument("--sweep-params", default="",
                     help="comma list of the parameters to sweep (default all: workers,intra_op_threads,"
                          "batch_size,max_batch_delay,netty_threads)")
+    ap.add_argument("--render", type=Path,
+                    help="only rewrite serving.md and the plots in --out from this serving.json (no measuring)")
     args = ap.parse_args()
     args.command = "python3 benchmarks/serving.py " + " ".join(sys.argv[1:])
+    if args.render:
+        data = json.loads(args.render.read_text())
+        args.command = data.get("command", args.command)
+        args.duration, args.warmup = data.get("duration", args.duration), data.get("warmup", args.warmup)
+        write_results(args, data["rows"], data["agree"], data["payloads"], data["when"], data["load_before"],
+                      data.get("load_end", float("nan")))
+        return
     args.concurrency = [int(c) for c in (args.concurrency or ("1,32,64" if args.sweep else "1,8,32,64")).split(",")]
     args.setups = args.setups.split(",")
     unknown = set(args.setups) - set(SETUPS)
