@@ -14,7 +14,7 @@ APT_PACKAGES := systemd-container debootstrap dataset-fashion-mnist openjdk-17-j
                 openssh-client curl python3-venv wrk
 HOST_TOOLS := systemd-nspawn debootstrap java ssh curl wrk
 
-.PHONY: deps venv demo demo-destroy lint test bench bench-serving bench-sweep chaos clean-hosts
+.PHONY: deps venv promtool demo demo-destroy demo-monitoring lint test bench bench-serving bench-sweep chaos clean-hosts
 
 # Installs the Debian packages only when something is missing.
 deps:
@@ -25,6 +25,17 @@ deps:
 	    echo "installing Debian packages: $(APT_PACKAGES)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	  fi
+
+# promtool (rule checks and unit tests) from Debian's prometheus package,
+# unpacked into .tools/: installing the package would start a Prometheus here.
+PROMTOOL := .tools/promtool
+promtool: $(PROMTOOL)
+$(PROMTOOL):
+	mkdir -p .tools
+	cd .tools && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; } \
+	  && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x --strip-components=3 ./usr/bin/promtool \
+	  && rm -f prometheus_*.deb
+	$@ --version >/dev/null
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -47,12 +58,12 @@ demo: deps venv
 demo-destroy:
 	$(DEMO) destroy
 
-lint: deps venv
-	python3 -m pytest tests/test_lint.py
+lint: deps venv promtool
+	python3 -m pytest tests/test_lint.py tests/test_monitoring_rules.py
 
 # One pytest run holds everything (lint, model, molecule, deployment), so its
 # summary line covers the whole suite. Exit code 5 (no tests) is a failure.
-test: deps venv
+test: deps venv promtool
 	python3 -m pytest; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
