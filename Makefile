@@ -55,8 +55,32 @@ demo: deps venv
 	  echo "Shell:        $(DEMO) shell demo-host1"; \
 	  echo "Remove host:  make demo-destroy"
 
+# The demo server with its metrics listener and public explanations on, plus a
+# second host with Prometheus scraping it. The scrape password is generated
+# once into $(DEMO_STATE)/metrics.yml (mode 600).
+DEMO_MON_STATE := .sandbox/demo-monitoring
+DEMO_MON := $(SANDBOX) --state-dir $(DEMO_MON_STATE) --prefix demo-mon --group torchserve_monitoring
+demo-monitoring: deps venv
+	$(DEMO) create --count 1
+	$(DEMO_MON) create --count 1
+	@[ -s $(DEMO_STATE)/metrics.yml ] || { umask 077; python3 -c 'import secrets; print("torchserve_metrics_enabled: true"); \
+	  print("torchserve_metrics_password: " + secrets.token_urlsafe(24)); print("torchserve_nginx_explanations_models: [fmnist]")' \
+	  > $(DEMO_STATE)/metrics.yml; }
+	ansible-playbook -i $(DEMO_STATE)/inventory.yml -i $(DEMO_MON_STATE)/inventory.yml playbooks/deploy.yml -e @$(DEMO_STATE)/metrics.yml
+	@web=$$($(DEMO_MON) info demo-mon1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["ports"]["torchserve_monitoring_port"])'); \
+	  ports=$$($(DEMO) info demo-host1 | python3 -c 'import json,sys; p=json.load(sys.stdin)["ports"]; print(p["torchserve_nginx_http_port"], p["torchserve_metrics_port"])'); \
+	  http=$${ports% *}; metrics=$${ports#* }; \
+	  echo; echo "Prometheus:   http://127.0.0.1:$$web  (Status > Targets, Alerts)"; \
+	  echo "Query:        curl -s 'http://127.0.0.1:$$web/api/v1/query?query=sum(ts_inference_requests_total)'"; \
+	  echo "Metrics:      curl -k -u prometheus:PASSWORD https://127.0.0.1:$$metrics/metrics/torchserve   (also /metrics/nginx, /metrics/node;"; \
+	  echo "              the password is in $(DEMO_STATE)/metrics.yml)"; \
+	  echo "Explanation:  curl -T files/samples/tshirt4.jpg http://127.0.0.1:$$http/explanations/fmnist"; \
+	  echo "Remove hosts: make demo-destroy"
+
 demo-destroy:
 	$(DEMO) destroy
+	-$(DEMO_MON) destroy
+	rm -f $(DEMO_STATE)/metrics.yml
 
 lint: deps venv promtool
 	python3 -m pytest tests/test_lint.py tests/test_monitoring_rules.py
@@ -92,3 +116,4 @@ clean-hosts:
 	-$(SANDBOX) --state-dir .sandbox/chaos destroy
 	-$(SANDBOX) --state-dir .sandbox/bench destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest-collection destroy
+	-$(SANDBOX) --state-dir .sandbox/pytest-monitoring --group torchserve_monitoring destroy
