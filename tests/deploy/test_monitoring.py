@@ -17,6 +17,7 @@ import requests
 
 from deploy_helpers import REPO, Host, recap
 
+pytestmark = pytest.mark.deploy
 PHOTO = (REPO / "files/samples/tshirt4.jpg").read_bytes()
 PASSWORD = secrets.token_urlsafe(24)
 ENABLED = {"torchserve_metrics_enabled": True, "torchserve_metrics_password": PASSWORD,
@@ -136,15 +137,20 @@ def test_public_explanation_of_a_photo(monitored):
 
 
 def test_explanations_have_a_tighter_per_client_limit(monitored):
-    """8 explanations at once from one (untrusted) address: 1 + burst 2 pass,
-    the others get 429 at once; predictions from that address still pass."""
+    """12 explanations at once from one (untrusted) address: 1 + burst 2 pass,
+    plus one per second the batch took (rate 1/s); the others get 429 at
+    once. The general limit (50/s, burst 100) would pass them all.
+    Predictions from that address still pass."""
     host, _ = monitored
     photo = str(REPO / "files/samples/tshirt4.jpg")
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
         codes = list(pool.map(lambda _: curl("--interface", "127.0.0.2", "-T", photo,
-                                             f"{host.https}/explanations/fmnist")[0], range(8)))
-    print(f"\n8 simultaneous explanations from one address: {sorted(codes)}")
-    assert set(codes) <= {200, 429} and 1 <= codes.count(200) <= 4 and codes.count(429) >= 4, codes
+                                             f"{host.https}/explanations/fmnist")[0], range(12)))
+    took = time.monotonic() - t0
+    print(f"\n12 simultaneous explanations from one address in {took:.1f} s: {sorted(codes)}")
+    assert set(codes) <= {200, 429} and 1 <= codes.count(200) <= 3 + int(took) + 1, codes
+    assert codes.count(429) >= 1, codes
     assert curl("--interface", "127.0.0.2", "-T", photo, f"{host.https}/predictions/fmnist")[0] == 200
 
 
