@@ -47,6 +47,21 @@ def test_explanations_are_not_public_by_default(deployed_host, host_ca):
     assert curl(metrics_url(deployed_host, "torchserve"))[0] == 0, "no metrics listener while turned off"
 
 
+@pytest.mark.parametrize("extra, expect", [
+    ({"torchserve_metrics_password": "short"}, "set torchserve_metrics_password (16 characters or more"),
+    ({"torchserve_metrics_allowed_networks": []}, "torchserve_metrics_allowed_networks to the Prometheus servers"),
+    ({"torchserve_metrics_node_exporter_port": 9443, "torchserve_metrics_port": 9443}, "four distinct ports"),
+    ({"torchserve_nginx_explanations_models": ["../admin"]}, "torchserve_nginx_explanations_models only URL-safe names"),
+])
+def test_bad_metrics_settings_fail_preflight_before_any_change(deployed_host, extra, expect):
+    before = deployed_host.state()
+    r = deployed_host.playbook("-e", json.dumps({**ENABLED, **extra}))
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode != 0 and expect in out, out[-3000:]
+    assert recap(r.stdout, deployed_host.name)["changed"] == 0
+    assert deployed_host.state() == before
+
+
 @pytest.fixture(scope="module")
 def monitored(deployed_host):
     """The session's server with metrics and explanations on; turned off again after."""
