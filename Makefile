@@ -37,7 +37,7 @@ demo: deps venv
 	ansible-playbook -i $(DEMO_STATE)/inventory.yml playbooks/deploy.yml
 	@echo; echo "== systemctl status torchserve (on demo-host1)"
 	@$(DEMO) shell demo-host1 systemctl status torchserve --no-pager --lines=0
-	@port=$$($(DEMO) info demo-host1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["ports"]["nginx_http_port"])'); \
+	@port=$$($(DEMO) info demo-host1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["ports"]["torchserve_nginx_http_port"])'); \
 	  echo; echo "== curl -T files/samples/tshirt4.jpg http://127.0.0.1:$$port/predictions/fmnist"; \
 	  curl -sS -T files/samples/tshirt4.jpg http://127.0.0.1:$$port/predictions/fmnist; echo; \
 	  echo; echo "Try it:       curl -T files/samples/tshirt3.jpeg http://127.0.0.1:$$port/predictions/fmnist"; \

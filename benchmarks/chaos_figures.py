@@ -32,7 +32,7 @@ def main() -> None:
     try:
         info = json.loads(subprocess.run(SANDBOX + ["info", HOST], check=True, capture_output=True, text=True).stdout)
         r = subprocess.run(["ansible-playbook", "-i", info["inventory"], "playbooks/deploy.yml",
-                            "-e", "nginx_tls_enabled=true"], cwd=REPO, capture_output=True, text=True)
+                            "-e", "torchserve_nginx_tls_enabled=true"], cwd=REPO, capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"ansible-playbook failed:\n{r.stdout[-4000:]}{r.stderr[-2000:]}")
         pem = subprocess.run(info["ssh"] + ["cat /etc/nginx/tls/torchserve.crt"], check=True, capture_output=True,
@@ -42,7 +42,7 @@ def main() -> None:
             ca.flush()
             seed = os.environ.get("CHAOS_SEED")
             chaos = Chaos(info["ssh"], SANDBOX, HOST,
-                          f"https://127.0.0.1:{info['ports']['nginx_https_port']}/predictions/fmnist", ca.name,
+                          f"https://127.0.0.1:{info['ports']['torchserve_nginx_https_port']}/predictions/fmnist", ca.name,
                           clients=int(os.environ.get("CHAOS_CLIENTS", 64)),
                           seed=int(seed) if seed else None)
             res = chaos.run()

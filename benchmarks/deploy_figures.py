@@ -42,7 +42,7 @@ def main() -> None:
     try:
         info = json.loads(subprocess.run(SANDBOX + ["info", HOST], check=True, capture_output=True, text=True).stdout)
         ssh = info["ssh"]
-        url = f"http://127.0.0.1:{info['ports']['nginx_http_port']}/predictions/fmnist"
+        url = f"http://127.0.0.1:{info['ports']['torchserve_nginx_http_port']}/predictions/fmnist"
 
         fresh, fresh_recap = playbook()
         second, second_recap = playbook()

@@ -101,7 +101,7 @@ def main() -> None:
     name = f"{args.prefix}1"
     info = json.loads(subprocess.run(sandbox + ["info", name], check=True, capture_output=True, text=True).stdout)
     host = Host(name, info["ports"], info["ssh"], info["inventory"])
-    port = info["ports"]["nginx_https_port"]
+    port = info["ports"]["torchserve_nginx_https_port"]
     paths(port)
     bodies(host, port)
     flood(port)

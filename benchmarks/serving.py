@@ -222,7 +222,7 @@ class Host:
     def __init__(self, ssh_argv: list[str], ports: dict):
         self.ssh_argv = ssh_argv
         self.port_base = int(ports["ssh"]) - 22
-        self.nginx_url = f"http://127.0.0.1:{ports['nginx_http_port']}/predictions/fmnist"
+        self.nginx_url = f"http://127.0.0.1:{ports['torchserve_nginx_http_port']}/predictions/fmnist"
 
     @classmethod
     def from_sandbox(cls) -> "Host":
@@ -278,9 +278,8 @@ def ensure_host(sample: bytes) -> Host:
 
 # --------------------------------------------------------------------------- servers
 def deployed_model() -> dict:
-    """The first model of the torchserve role's defaults (what the deployment serves)."""
-    defaults = yaml.safe_load((REPO / "roles/torchserve/defaults/main.yml").read_text())
-    return defaults["torchserve_models"][0]
+    """The example model entry (what the sandbox deployment serves)."""
+    return yaml.safe_load((REPO / "playbooks/vars/fmnist.yml").read_text())["torchserve_models"][0]
 
 
 def build_mar(export: Path, name: str, model_config: dict | None, handler: Path | None = None,

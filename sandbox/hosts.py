@@ -40,10 +40,12 @@ PACKAGES = "systemd,systemd-sysv,dbus,python3,openssh-server,sudo,ca-certificate
 BLOCK_BASE, BLOCK_COUNT = 20000, 400
 PORT_OFFSETS = {
     "ssh": 22,
-    "nginx_http_port": 80,
-    "nginx_https_port": 43,
+    "torchserve_nginx_http_port": 80,
+    "torchserve_nginx_https_port": 43,
 }
 BOOT_TIMEOUT = 90
+# The example model entry, shared with the example inventory.
+MODEL_VARS = REPO / "playbooks/vars/fmnist.yml"
 
 
 def log(msg: str) -> None:
@@ -64,6 +66,7 @@ class Sandbox:
         self.key = self.state / "id_ed25519"
         self.inventory = self.state / "inventory.yml"
         self.known_hosts = self.state / "known_hosts"
+        self.model_vars = self.state / "group_vars/torchserve_servers/fmnist.yml"
         self.claims = self.cache / "port-blocks"
 
     # ---- cached root file system -------------------------------------
@@ -294,8 +297,8 @@ class Sandbox:
                 f"        {name}:",
                 "          ansible_host: 127.0.0.1",
                 f"          ansible_port: {ports['ssh']}",
-                f"          nginx_http_port: {ports['nginx_http_port']}",
-                f"          nginx_https_port: {ports['nginx_https_port']}",
+                f"          torchserve_nginx_http_port: {ports['torchserve_nginx_http_port']}",
+                f"          torchserve_nginx_https_port: {ports['torchserve_nginx_https_port']}",
             ]
         lines += [
             "      vars:",
@@ -306,12 +309,20 @@ class Sandbox:
             "          -o LogLevel=ERROR",
             "        # The hosts share the machine's network namespace: nginx on all",
             "        # addresses would listen on every interface of the machine.",
-            '        nginx_listen_addresses: ["127.0.0.1"]',
+            '        torchserve_nginx_listen_addresses: ["127.0.0.1"]',
             "        # The sandbox hosts reach no Python index: install from a",
             "        # wheelhouse built on the controller.",
             "        torchserve_pip_mode: wheelhouse",
+            f"        torchserve_wheelhouse_controller_dir: {REPO / '.cache/wheelhouse'}",
+            "        # The example model (group_vars/torchserve_servers/fmnist.yml links",
+            "        # to playbooks/vars/fmnist.yml); its paths start at the repository.",
+            f"        torchserve_model_src_root: {REPO}",
         ]
         self.inventory.write_text("\n".join(lines) + "\n")
+        link = self.model_vars
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(MODEL_VARS)
         log(f"inventory: {self.inventory}")
 
     def create(self, count: int) -> None:
@@ -365,9 +376,9 @@ class Sandbox:
             self.write_known_hosts()
             self.write_inventory()
             return
-        for path in (self.key, Path(f"{self.key}.pub"), self.inventory, self.known_hosts):
+        for path in (self.key, Path(f"{self.key}.pub"), self.inventory, self.known_hosts, self.model_vars):
             path.unlink(missing_ok=True)
-        for folder in (self.hosts_dir, self.state):
+        for folder in (self.hosts_dir, self.model_vars.parent, self.model_vars.parent.parent, self.state):
             try:
                 folder.rmdir()
             except OSError:  # absent, or holds files this tool did not write
@@ -383,7 +394,7 @@ class Sandbox:
             rec, pid = self.record(name), self.pid(name)
             p = rec["ports"]
             print(f"{name:<16}{'running' if pid else 'stopped':<10}{pid or '-'!s:<9}"
-                  f"{p['ssh']:<7}{p['nginx_http_port']:<7}{p['nginx_https_port']:<7}")
+                  f"{p['ssh']:<7}{p['torchserve_nginx_http_port']:<7}{p['torchserve_nginx_https_port']:<7}")
 
 
 def main() -> None:

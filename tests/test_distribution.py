@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-ROLES = ["java", "torchserve", "nginx"]
+EXAMPLE_MODEL = yaml.safe_load((REPO / "playbooks/vars/fmnist.yml").read_text())
+ROLES = ["torchserve_java", "torchserve", "torchserve_nginx"]
 
 
 # The playbook's pre_tasks run each role's preflight.yml; a user's play applies the role whole.
@@ -37,7 +39,7 @@ def preflight(role: str, facts: dict, tmp_path: Path, call: str = "preflight",
 """ + CALLS[call].format(role=role))
     extra = tmp_path / "facts.json"
     extra.write_text(json.dumps({"ansible_facts": facts, "ansible_python_interpreter": sys.executable,
-                                 "torchserve_model_src_root": str(REPO), **(extra_vars or {})}))
+                                 "torchserve_model_src_root": str(REPO), **EXAMPLE_MODEL, **(extra_vars or {})}))
     return subprocess.run([str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,",
                            str(play), "-e", f"@{extra}"], cwd=REPO, capture_output=True, text=True, timeout=300)
 
@@ -55,7 +57,7 @@ def test_preflight_refuses_unsupported_release_by_name(role, distribution, relea
     assert f"roles/{role}/vars/{distribution}-{release}.yml" in r.stdout
 
 
-@pytest.mark.parametrize("role", ["java", "torchserve"])
+@pytest.mark.parametrize("role", ["torchserve_java", "torchserve"])
 def test_preflight_accepts_debian_12_and_loads_its_data(role, tmp_path):
     r = preflight(role, {**BASE, "distribution": "Debian", "distribution_major_version": "12"}, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -69,3 +71,11 @@ def test_preflight_refuses_a_zero_batch_delay(tmp_path):
                   extra_vars={"torchserve_models": [model]})
     assert r.returncode != 0
     assert "model m is not valid" in r.stdout and "max_batch_delay >= 1" in r.stdout, r.stdout[-3000:]
+
+
+def test_preflight_asks_for_a_model_when_none_is_given(tmp_path):
+    """The role ships no model: an empty list is refused before any change, saying what to give."""
+    r = preflight("torchserve", {**BASE, "distribution": "Debian", "distribution_major_version": "12"}, tmp_path,
+                  extra_vars={"torchserve_models": []})
+    assert r.returncode != 0
+    assert "torchserve_models is empty: give at least one model" in r.stdout, r.stdout[-3000:]

@@ -40,19 +40,11 @@ def test_argument_specs_mirror_defaults(role):
     assert all(opt.get("description") for opt in options.values()), "every option is described"
 
 
-# Options with sub-options: the vars/main.yml dict the role combines each entry with.
-SUBOPTION_DEFAULTS = {"torchserve_models": "_torchserve_model_defaults"}
-
-
 @pytest.mark.parametrize("role", ROLES)
 def test_argument_specs_defaults_equal_role_defaults(role):
     """The specs document the defaults the role really uses: every value
-    equal (Jinja defaults as the same template string), and the sub-option
-    defaults of a list of dicts equal the ones the role fills into each
-    entry (vars/main.yml)."""
+    equal (Jinja defaults as the same template string)."""
     defaults = yaml.safe_load((REPO / f"roles/{role}/defaults/main.yml").read_text())
-    role_vars = yaml.safe_load((REPO / f"roles/{role}/vars/main.yml").read_text()) if (
-        REPO / f"roles/{role}/vars/main.yml").exists() else {}
     specs = yaml.safe_load((REPO / f"roles/{role}/meta/argument_specs.yml").read_text())["argument_specs"]
     wrong = []
     for entry, spec in specs.items():
@@ -61,9 +53,36 @@ def test_argument_specs_defaults_equal_role_defaults(role):
                 wrong.append(f"{entry}: {name}: no default in the specs (defaults: {defaults.get(name)!r})")
             elif opt["default"] != defaults.get(name):
                 wrong.append(f"{entry}: {name}: defaults {defaults.get(name)!r} != specs {opt['default']!r}")
-            if "options" in opt:
-                filled = role_vars.get(SUBOPTION_DEFAULTS.get(name, ""))
-                sub = {k: o["default"] for k, o in opt["options"].items() if "default" in o}
-                if sub != filled:
-                    wrong.append(f"{entry}: {name} sub-option defaults: specs {sub} != vars/main.yml {filled}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_model_entry_gets_the_specs_sub_option_defaults(tmp_path):
+    """A torchserve_models entry is filled with the sub-option defaults of the
+    argument specs (their only place), as the role's tasks see it."""
+    play = tmp_path / "fill.yml"
+    play.write_text(f"""---
+- name: Fill a minimal model entry as the torchserve role does
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  vars:
+    role_path: {REPO}/roles/torchserve
+  tasks:
+    - name: Load the role's defaults and internal variables
+      ansible.builtin.include_vars:
+        file: "{{{{ item }}}}"
+      loop: [{REPO}/roles/torchserve/defaults/main.yml, {REPO}/roles/torchserve/vars/main.yml]
+    - name: Show the filled entry
+      ansible.builtin.copy:
+        content: "{{{{ ([_torchserve_model_defaults] | product([{{'name': 'm', 'mar': 'm.mar', 'workers': 3}}])
+                     | map('ansible.builtin.combine') | first) | to_json }}}}"
+        dest: {tmp_path}/filled.json
+        mode: "0644"
+""")
+    r = run("ansible-playbook", str(play))
+    assert r.returncode == 0, r.stdout[-3000:]
+    filled = yaml.safe_load((tmp_path / "filled.json").read_text())
+    spec = yaml.safe_load((REPO / "roles/torchserve/meta/argument_specs.yml").read_text())
+    sub = spec["argument_specs"]["main"]["options"]["torchserve_models"]["options"]
+    expected = {k: o["default"] for k, o in sub.items() if "default" in o}
+    assert expected and filled == {**expected, "name": "m", "mar": "m.mar", "workers": 3}, filled

@@ -83,7 +83,7 @@ def test_inventory_binds_nginx_to_loopback_and_checks_host_keys(sandbox):
     sandbox.write_inventory()
     sandbox.write_known_hosts()
     inv = yaml.safe_load(sandbox.inventory.read_text())["all"]["children"]["torchserve_servers"]
-    assert inv["vars"]["nginx_listen_addresses"] == ["127.0.0.1"]
+    assert inv["vars"]["torchserve_nginx_listen_addresses"] == ["127.0.0.1"]
     common = inv["vars"]["ansible_ssh_common_args"]
     assert "StrictHostKeyChecking=yes" in common and f"UserKnownHostsFile={sandbox.known_hosts}" in common
     assert "StrictHostKeyChecking=no" not in common and "/dev/null" not in common

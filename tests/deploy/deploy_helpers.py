@@ -51,7 +51,7 @@ class Host:
     def playbook(self, *args: str) -> subprocess.CompletedProcess:
         """ansible-playbook deploy.yml against this host with the TLS settings."""
         argv = ["ansible-playbook", "-i", self.inventory, "playbooks/deploy.yml",
-                "-e", "nginx_tls_enabled=true", *args]
+                "-e", "torchserve_nginx_tls_enabled=true", *args]
         return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=1800)
 
     def state(self) -> dict:
@@ -87,11 +87,11 @@ class Host:
 
     @property
     def https(self) -> str:
-        return f"https://127.0.0.1:{self.ports['nginx_https_port']}"
+        return f"https://127.0.0.1:{self.ports['torchserve_nginx_https_port']}"
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.ports['nginx_http_port']}"
+        return f"http://127.0.0.1:{self.ports['torchserve_nginx_http_port']}"
 
 
 def recap(output: str, host: str) -> dict:

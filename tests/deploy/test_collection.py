@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from deploy_helpers import REPO, recap
 
@@ -25,10 +26,17 @@ PLAYBOOK = f"""---
 - name: TorchServe behind nginx, from the collection
   hosts: torchserve_servers
   become: true
+  vars:
+    # What one role takes from another is wired by the play.
+    torchserve_java_min_major_version: 17
+    torchserve_nginx_upstream_socket: "{{{{ torchserve_inference_socket }}}}"
+    torchserve_nginx_upstream_socket_group: "{{{{ torchserve_inference_socket_group }}}}"
+    torchserve_nginx_client_max_body_size: "{{{{ torchserve_max_request_size }}}}"
+    torchserve_nginx_exposed_models: "{{{{ torchserve_models | map(attribute='name') | list }}}}"
   roles:
-    - role: {FQCN}.java
+    - role: {FQCN}.torchserve_java
     - role: {FQCN}.torchserve
-    - role: {FQCN}.nginx
+    - role: {FQCN}.torchserve_nginx
 """
 
 
@@ -71,11 +79,14 @@ def test_collection_deploys_from_another_project(collection_host, tmp_path):
     # group vars a user of a sandbox host would set.
     (project / "inventory/group_vars").mkdir(parents=True)
     (project / "inventory/hosts.yml").write_text(Path(collection_host["inventory"]).read_text())
+    # The model: the collection's example entry, its files in the collection.
+    example = yaml.safe_load((installed / "playbooks/vars/fmnist.yml").read_text())
     (project / "inventory/group_vars/torchserve_servers.yml").write_text(json.dumps({
+        **example,
         "torchserve_model_src_root": str(installed),
         # The controller's wheel cache (the sandbox hosts reach no index).
         "torchserve_wheelhouse_controller_dir": str(REPO / ".cache/wheelhouse"),
-        "nginx_tls_enabled": False,
+        "torchserve_nginx_tls_enabled": False,
     }))
     (project / "site.yml").write_text(PLAYBOOK)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
@@ -89,7 +100,7 @@ def test_collection_deploys_from_another_project(collection_host, tmp_path):
     r = play("site.yml")
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert f"TASK [{FQCN}.torchserve : " in r.stdout, "the roles ran from the installed collection"
-    answer = requests.put(f"http://127.0.0.1:{collection_host['ports']['nginx_http_port']}/predictions/fmnist",
+    answer = requests.put(f"http://127.0.0.1:{collection_host['ports']['torchserve_nginx_http_port']}/predictions/fmnist",
                           data=(REPO / "files/samples/tshirt4.jpg").read_bytes(), timeout=60)
     assert answer.status_code == 200 and answer.json()["label"] == "T-shirt/top", answer.text
 
@@ -97,5 +108,5 @@ def test_collection_deploys_from_another_project(collection_host, tmp_path):
     # short name, which must resolve inside the collection.
     again = play(f"{FQCN}.deploy")
     assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-3000:]
-    assert f"TASK [{FQCN}.nginx : " in again.stdout
+    assert f"TASK [{FQCN}.torchserve_nginx : " in again.stdout
     assert recap(again.stdout, HOST)["changed"] == 0, again.stdout[-4000:]

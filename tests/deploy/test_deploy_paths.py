@@ -74,8 +74,8 @@ def test_index_mode_own_certificate_and_no_redirect_on_a_fresh_host(fresh_host, 
     extra = tmp_path / "vars.json"
     extra.write_text(json.dumps({
         "torchserve_pip_mode": "index", "torchserve_pip_index_url": f"http://127.0.0.1:{port}/simple/",
-        "torchserve_pip_extra_index_url": "", "nginx_tls_certificate": str(cert),
-        "nginx_tls_certificate_key": str(key), "nginx_tls_redirect_http": False}))
+        "torchserve_pip_extra_index_url": "", "torchserve_nginx_tls_certificate": str(cert),
+        "torchserve_nginx_tls_certificate_key": str(key), "torchserve_nginx_tls_redirect_http": False}))
     try:
         r = fresh_host.playbook("-e", f"@{extra}")
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_index_mode_own_certificate_and_no_redirect_on_a_fresh_host(fresh_host, 
         assert re.search(rf'"GET /files/{re.escape(wheel)}[^ ]*\.whl HTTP/1\.1" 200', fetched), wheel
     assert fresh_host.ssh("test -e /var/cache/torchserve/wheelhouse", check=False).returncode == 1
     # HTTPS presents exactly our certificate, and a client trusting it is served.
-    served = ssl.get_server_certificate(("127.0.0.1", fresh_host.ports["nginx_https_port"]))
+    served = ssl.get_server_certificate(("127.0.0.1", fresh_host.ports["torchserve_nginx_https_port"]))
     assert ssl.PEM_cert_to_DER_cert(served) == ssl.PEM_cert_to_DER_cert(cert.read_text())
     ok = requests.put(f"{fresh_host.https}/predictions/fmnist", data=SAMPLE, verify=str(cert), timeout=30)
     assert ok.status_code == 200 and ok.json()["label"] == "T-shirt/top", ok.text

@@ -24,7 +24,7 @@ PHOTO = (REPO / "files/samples/tshirt4.jpg").read_bytes()
 
 
 def https_port(host) -> int:
-    return host.ports["nginx_https_port"]
+    return host.ports["torchserve_nginx_https_port"]
 
 
 def assert_good(host, source: str = "127.0.0.1") -> None:
@@ -310,7 +310,7 @@ def test_hsts_on_every_https_answer(deployed_host):
 
 def test_redirect_ignores_a_forged_host(deployed_host):
     fqdn = deployed_host.ssh("python3 -c 'import socket; print(socket.getfqdn())'").stdout.strip()
-    status, headers, _ = request(deployed_host.ports["nginx_http_port"], "GET", "/ping?x=1",
+    status, headers, _ = request(deployed_host.ports["torchserve_nginx_http_port"], "GET", "/ping?x=1",
                                  headers={"Host": "evil.example"}, tls=False)
     assert status == 301
     assert headers["location"] == f"https://{fqdn}:{https_port(deployed_host)}/ping?x=1"

@@ -32,7 +32,7 @@ def predict(port: int, address: str = "127.0.0.1") -> tuple[int, dict]:
 
 
 def assert_served(host, address: str = "127.0.0.1") -> None:
-    status, doc = predict(host.ports["nginx_https_port"], address)
+    status, doc = predict(host.ports["torchserve_nginx_https_port"], address)
     assert status == 200 and doc["label"] == "T-shirt/top", (status, doc)
 
 
@@ -67,7 +67,7 @@ def test_foreign_broken_config_never_disables_the_live_site(deployed_host):
 def test_rejected_new_site_puts_the_old_one_back_and_leaves_no_backup(deployed_host):
     h = deployed_host
     before = site_files(h)
-    r = h.playbook("-e", "nginx_server_name='bad name {'")
+    r = h.playbook("-e", "torchserve_nginx_server_name='bad name {'")
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert "nginx -t rejected the new site, the previous config is back in place" in out, out[-4000:]
@@ -83,7 +83,7 @@ def not_after(host) -> datetime.datetime:
 
 
 def served_certificate(host) -> str:
-    pem = ssl.get_server_certificate(("127.0.0.1", host.ports["nginx_https_port"]))
+    pem = ssl.get_server_certificate(("127.0.0.1", host.ports["torchserve_nginx_https_port"]))
     return ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(pem))
 
 
@@ -110,9 +110,9 @@ def test_self_signed_certificate_renewed_near_its_end(deployed_host):
 def test_ipv4_and_ipv6_listen_addresses(deployed_host):
     h = deployed_host
     try:
-        r = h.playbook("-e", '{"nginx_listen_addresses": ["127.0.0.1", "::1"]}')
+        r = h.playbook("-e", '{"torchserve_nginx_listen_addresses": ["127.0.0.1", "::1"]}')
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-        listeners = h.ssh(f"ss -Hltn 'sport = :{h.ports['nginx_https_port']}'").stdout
+        listeners = h.ssh(f"ss -Hltn 'sport = :{h.ports['torchserve_nginx_https_port']}'").stdout
         assert "[::1]:" in listeners and "127.0.0.1:" in listeners, listeners
         assert_served(h, "::1")
         assert_served(h, "127.0.0.1")

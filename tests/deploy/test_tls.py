@@ -38,7 +38,7 @@ def test_http_redirects_to_https(deployed_host):
     fqdn = deployed_host.ssh("python3 -c 'import socket; print(socket.getfqdn())'").stdout.strip()
     r = requests.get(f"{deployed_host.http}/ping", allow_redirects=False, timeout=10)
     assert r.status_code == 301
-    assert r.headers["Location"] == f"https://{fqdn}:{deployed_host.ports['nginx_https_port']}/ping"
+    assert r.headers["Location"] == f"https://{fqdn}:{deployed_host.ports['torchserve_nginx_https_port']}/ping"
 
 
 def test_ping_healthy_over_https(deployed_host, host_ca):

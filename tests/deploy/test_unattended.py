@@ -15,6 +15,7 @@ from deploy_helpers import REPO, recap
 
 pytestmark = pytest.mark.deploy
 DEFAULTS = yaml.safe_load((REPO / "roles/torchserve/defaults/main.yml").read_text())
+MODELS = yaml.safe_load((REPO / "playbooks/vars/fmnist.yml").read_text())["torchserve_models"]
 PHOTO = (REPO / "files/samples/tshirt4.jpg").read_bytes()
 # Largest TorchServe log growth (files + the unit's journal) per request at the default level.
 MAX_LOG_BYTES_PER_REQUEST = 2.0
@@ -22,7 +23,7 @@ REQUESTS = 5000
 
 def model_entry(**changes):
     """The default fmnist entry of the role, with changes."""
-    entry = dict(DEFAULTS["torchserve_models"][0])
+    entry = dict(MODELS[0])
     entry.update(changes)
     return entry
 
@@ -102,7 +103,7 @@ def test_log_cap_holds_with_debug_logging(deployed_host, host_ca):
 def test_unit_bounds_and_sandbox_scores(deployed_host):
     props = dict(line.split("=", 1) for line in deployed_host.ssh(
         "systemctl show torchserve -p OOMPolicy -p MemoryMax -p MemoryHigh -p TasksMax -p KillMode").stdout.splitlines())
-    heap, workers = 1024, sum(m["workers"] for m in DEFAULTS["torchserve_models"])
+    heap, workers = 1024, sum(m["workers"] for m in MODELS)
     memory_max = heap + 512 + 64 + workers * DEFAULTS["torchserve_worker_memory_mb"]
     assert props == {"OOMPolicy": "continue", "MemoryMax": str(memory_max * 2**20),
                      "MemoryHigh": str(int(memory_max * 0.9) * 2**20), "TasksMax": "1024",

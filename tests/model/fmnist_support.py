@@ -37,21 +37,21 @@ SAMPLES = FILES / "samples"
 SEED_WEIGHTS = FIXTURES / "fashion_mnist_model.pth"
 
 MODEL_NAME = "fmnist"
-ROLE_DEFAULTS = REPO / "roles/torchserve/defaults/main.yml"
+MODEL_ENTRY = REPO / "playbooks/vars/fmnist.yml"
 RENDER_MODEL_CONFIG = REPO / "tests/model/render_model_config.yml"
 
 
 def _role_model_entry() -> dict:
     import yaml
 
-    models = yaml.safe_load(ROLE_DEFAULTS.read_text())["torchserve_models"]
+    models = yaml.safe_load(MODEL_ENTRY.read_text())["torchserve_models"]
     return next(m for m in models if m["name"] == MODEL_NAME)
 
 
 @functools.lru_cache(maxsize=1)
 def model_config_yaml() -> str:
     """The model-config.yaml the torchserve role renders for the model, from its
-    own defaults and template (tests/model/render_model_config.yml)."""
+    own template and the model entry (tests/model/render_model_config.yml)."""
     with tempfile.TemporaryDirectory() as tmp:
         dest = Path(tmp) / "model-config.yaml"
         r = subprocess.run([str(VENV_BIN / "ansible-playbook"), str(RENDER_MODEL_CONFIG),

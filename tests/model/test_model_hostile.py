@@ -216,7 +216,7 @@ def test_many_part_multipart_is_refused_and_leaves_no_memory(server):
     """~98,000 one-byte parts under the 6.5 MB request limit (the amplification case). The
     frontend (Netty) decodes the parts and the worker receives each as a parameter before the
     handler runs; the handler then refuses the request at once. Measured: time, the JVM's and
-    the workers' RSS. nginx (roles/nginx) refuses such bodies before TorchServe in deployments."""
+    the workers' RSS. nginx (roles/torchserve_nginx) refuses such bodies before TorchServe in deployments."""
     multipart = {"Content-Type": "multipart/form-data; boundary=x"}
     pids = worker_pids(server)
     java = jvm_pid(server)
