@@ -16,7 +16,7 @@ APT_PACKAGES := systemd-container debootstrap dataset-fashion-mnist openjdk-17-j
                 openssh-client curl python3-venv wrk
 HOST_TOOLS := systemd-nspawn debootstrap java ssh curl wrk
 
-.PHONY: deps venv demo demo-destroy demo-fleet demo-fleet-destroy lint test bench bench-serving bench-sweep chaos clean-hosts
+.PHONY: deps venv promtool demo demo-destroy demo-monitoring demo-fleet demo-fleet-destroy lint test bench bench-serving bench-sweep chaos clean-hosts
 
 # Installs the Debian packages only when something is missing.
 deps:
@@ -27,6 +27,17 @@ deps:
 	    echo "installing Debian packages: $(APT_PACKAGES)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	  fi
+
+# promtool (rule checks and unit tests) from Debian's prometheus package,
+# unpacked into .tools/: installing the package would start a Prometheus here.
+PROMTOOL := .tools/promtool
+promtool: $(PROMTOOL)
+$(PROMTOOL):
+	mkdir -p .tools
+	cd .tools && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; } \
+	  && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x --strip-components=3 ./usr/bin/promtool \
+	  && rm -f prometheus_*.deb
+	$@ --version >/dev/null
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -46,8 +57,32 @@ demo: deps venv
 	  echo "Shell:        $(DEMO) shell demo-host1"; \
 	  echo "Remove host:  make demo-destroy"
 
+# The demo server with its metrics listener and public explanations on, plus a
+# second host with Prometheus scraping it. The scrape password is generated
+# once into $(DEMO_STATE)/metrics.yml (mode 600).
+DEMO_MON_STATE := .sandbox/demo-monitoring
+DEMO_MON := $(SANDBOX) --state-dir $(DEMO_MON_STATE) --prefix demo-mon --group torchserve_monitoring
+demo-monitoring: deps venv
+	$(DEMO) create --count 1
+	$(DEMO_MON) create --count 1
+	@[ -s $(DEMO_STATE)/metrics.yml ] || { umask 077; python3 -c 'import secrets; print("torchserve_metrics_enabled: true"); \
+	  print("torchserve_metrics_password: " + secrets.token_urlsafe(24)); print("torchserve_nginx_explanations_models: [fmnist]")' \
+	  > $(DEMO_STATE)/metrics.yml; }
+	ansible-playbook -i $(DEMO_STATE)/inventory.yml -i $(DEMO_MON_STATE)/inventory.yml playbooks/deploy.yml -e @$(DEMO_STATE)/metrics.yml
+	@web=$$($(DEMO_MON) info demo-mon1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["ports"]["torchserve_monitoring_port"])'); \
+	  ports=$$($(DEMO) info demo-host1 | python3 -c 'import json,sys; p=json.load(sys.stdin)["ports"]; print(p["torchserve_nginx_http_port"], p["torchserve_metrics_port"])'); \
+	  http=$${ports% *}; metrics=$${ports#* }; \
+	  echo; echo "Prometheus:   http://127.0.0.1:$$web  (Status > Targets, Alerts)"; \
+	  echo "Query:        curl -s 'http://127.0.0.1:$$web/api/v1/query?query=sum(ts_inference_requests_total)'"; \
+	  echo "Metrics:      curl -k -u prometheus:PASSWORD https://127.0.0.1:$$metrics/metrics/torchserve   (also /metrics/nginx, /metrics/node;"; \
+	  echo "              the password is in $(DEMO_STATE)/metrics.yml)"; \
+	  echo "Explanation:  curl -T files/samples/tshirt4.jpg http://127.0.0.1:$$http/explanations/fmnist"; \
+	  echo "Remove hosts: make demo-destroy"
+
 demo-destroy:
 	$(DEMO) destroy
+	-$(DEMO_MON) destroy
+	rm -f $(DEMO_STATE)/metrics.yml
 
 # Three servers behind one HAProxy balancer, all local sandbox hosts.
 demo-fleet: deps venv
@@ -58,18 +93,18 @@ demo-fleet: deps venv
 	  curl -sS -T files/samples/tshirt4.jpg http://127.0.0.1:$$port/predictions/fmnist; echo; \
 	  echo; echo "Balancer:     http://127.0.0.1:$$port/predictions/fmnist"; \
 	  echo "Servers:      $(FLEET) list"; \
-	  echo "Roll a change: ansible-playbook -i $(FLEET_STATE)/inventory.yml playbooks/deploy.yml -e torchserve_vmargs=-Xmx768m"; \
+	  echo "Roll a change: ansible-playbook -i $(FLEET_STATE)/inventory.yml playbooks/deploy.yml -e torchserve_vmargs=-Xmx1200m"; \
 	  echo "Remove fleet: make demo-fleet-destroy"
 
 demo-fleet-destroy:
 	$(FLEET) destroy
 
-lint: deps venv
-	python3 -m pytest tests/test_lint.py
+lint: deps venv promtool
+	python3 -m pytest tests/test_lint.py tests/test_monitoring_rules.py
 
 # One pytest run holds everything (lint, model, molecule, deployment), so its
 # summary line covers the whole suite. Exit code 5 (no tests) is a failure.
-test: deps venv
+test: deps venv promtool
 	python3 -m pytest; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
@@ -98,4 +133,5 @@ clean-hosts:
 	-$(SANDBOX) --state-dir .sandbox/chaos destroy
 	-$(SANDBOX) --state-dir .sandbox/bench destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest-collection destroy
+	-$(SANDBOX) --state-dir .sandbox/pytest-monitoring --group torchserve_monitoring destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest-fleet destroy

@@ -45,6 +45,13 @@ PORT_OFFSETS = {
     "ssh": 22,
     "torchserve_nginx_http_port": 80,
     "torchserve_nginx_https_port": 43,
+    # Metrics (torchserve_metrics role) and monitoring (torchserve_monitoring).
+    "torchserve_metrics_port": 91,
+    "torchserve_metrics_stub_status_port": 92,
+    "torchserve_metrics_nginx_exporter_port": 93,
+    "torchserve_metrics_node_exporter_port": 94,
+    "torchserve_monitoring_port": 95,
+    "torchserve_monitoring_blackbox_port": 96,
 }
 # A balancer's public ports, in its own block.
 BALANCER_PORT_OFFSETS = {
@@ -67,10 +74,11 @@ def die(msg: str) -> None:
 
 
 class Sandbox:
-    def __init__(self, state_dir: Path, cache_dir: Path, prefix: str):
+    def __init__(self, state_dir: Path, cache_dir: Path, prefix: str, group: str = "torchserve_servers"):
         self.state = state_dir.resolve()
         self.cache = cache_dir.resolve()
         self.prefix = prefix
+        self.group = group
         self.hosts_dir = self.state / "hosts"
         self.key = self.state / "id_ed25519"
         self.inventory = self.state / "inventory.yml"
@@ -312,7 +320,7 @@ class Sandbox:
 
     def write_inventory(self) -> None:
         lines = ["# Written by sandbox/hosts.py: local nspawn hosts. Do not edit.",
-                 "all:", "  children:", "    torchserve_servers:", "      hosts:"]
+                 "all:", "  children:", f"    {self.group}:", "      hosts:"]
         servers = [n for n in self.names() if self.role(n) == "server"]
         balancers = [n for n in self.names() if self.role(n) == "balancer"]
         for name in servers:
@@ -321,13 +329,16 @@ class Sandbox:
                 f"        {name}:",
                 "          ansible_host: 127.0.0.1",
                 f"          ansible_port: {ports['ssh']}",
-                f"          torchserve_nginx_http_port: {ports['torchserve_nginx_http_port']}",
-                f"          torchserve_nginx_https_port: {ports['torchserve_nginx_https_port']}",
             ]
+            # Hosts made before a port was added lack it.
+            lines += [f"          {k}: {ports[k]}" for k in PORT_OFFSETS if k != "ssh" and k in ports]
         lines += ["      vars:", *self.connection_vars(),
             "        # The hosts share the machine's network namespace: nginx on all",
             "        # addresses would listen on every interface of the machine.",
             '        torchserve_nginx_listen_addresses: ["127.0.0.1"]',
+            "        # Metrics, when turned on: loopback only, scraped from loopback.",
+            '        torchserve_metrics_listen_addresses: ["127.0.0.1"]',
+            '        torchserve_metrics_allowed_networks: ["127.0.0.1"]',
             "        # The sandbox hosts reach no Python index: install from a",
             "        # wheelhouse built on the controller.",
             "        torchserve_pip_mode: wheelhouse",
@@ -457,6 +468,8 @@ def main() -> None:
                     default=Path(os.environ.get("SANDBOX_CACHE_DIR", "/var/cache/torchserve-sandbox")))
     ap.add_argument("--prefix", default=os.environ.get("SANDBOX_PREFIX", "ts-host"),
                     help="host names are PREFIX1..PREFIXN")
+    ap.add_argument("--group", default="torchserve_servers",
+                    help="inventory group of the hosts (e.g. torchserve_monitoring)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create")
     c.add_argument("--count", type=int, default=1, help="servers (PREFIX1..PREFIXN)")
@@ -474,7 +487,7 @@ def main() -> None:
     d.add_argument("names", nargs="*")
     args = ap.parse_args()
 
-    sb = Sandbox(args.state_dir, args.cache_dir, args.prefix)
+    sb = Sandbox(args.state_dir, args.cache_dir, args.prefix, args.group)
     if args.cmd == "create":
         sb.create(args.count, args.balancers)
     elif args.cmd == "list":

@@ -54,7 +54,7 @@ def test_wrk_counts_every_failed_request(payloads, tmp_path):
     _need_wrk()
     bad = tmp_path / "not-an-image.bin"
     bad.write_bytes(b"\x00" * 2048)
-    with serving.fastapi_server(serving.FreePorts()) as url:
+    with serving.fastapi_server(serving.FreePorts()) as (url, _):
         good = serving.wrk(url, 2, 1, payloads["png"])
         refused = serving.wrk(url, 2, 1, [bad])
     assert good["requests"] > 0 and good["errors"] == 0
@@ -79,6 +79,8 @@ def test_harness_run_writes_table_plots_and_json(tmp_path):
     for row in data["rows"]:
         assert row["requests"] > 0 and row["errors"] == 0, row
         assert 0 < row["p50"] <= row["p95"] <= row["p99"], row
+        if row["c"] is not None:  # CPU time per request of the server's processes and of wrk
+            assert row["cpu_ms"]["workers"] > 0 and row["cpu_ms"]["wrk"] > 0, row["cpu_ms"]
     # The FastAPI peer answers exactly what the deployed handler answers in-process.
     assert data["agree"]["fastapi"] == {"png": 1.0, "photo": 1.0}
     table = (out / "serving.md").read_text()

@@ -31,7 +31,7 @@ WATCHED = [
     "/etc/torchserve/config.properties",
     "/etc/systemd/system/torchserve.service",
     "/etc/nginx/sites-available/torchserve.conf",
-    "/opt/torchserve/model-store/fmnist.mar",
+    "/opt/torchserve/model-store/fmnist-1.0.mar",
 ]
 
 

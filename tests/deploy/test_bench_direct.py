@@ -83,7 +83,10 @@ def test_sweep_settings_reach_the_direct_instance(deployed_host, tmp_path):
         assert r.status_code == 200 and r.json()["label"] == "T-shirt/top"
         desc = json.loads(deployed_host.ssh(f"python3 -c '{DESCRIBE}'").stdout)[0]
         props = deployed_host.ssh(f"cat {serving.HOST_BENCH_DIR}/config.properties").stdout.splitlines()
-        model_log = deployed_host.ssh(f"cat {serving.HOST_BENCH_DIR}/logs/model_log.log").stdout
+        logs = deployed_host.ssh(f"ls {serving.HOST_BENCH_DIR}/logs").stdout.split()
+        model_log = deployed_host.ssh(f"cat {serving.HOST_BENCH_DIR}/logs/torchserve.log").stdout
     assert (desc["batchSize"], desc["maxBatchDelay"], len(desc["workers"])) == (4, 3, 1), desc
     assert "number_of_netty_threads=1" in props
     assert "threads=2" in model_log  # the handler's startup line: the archive's intra_op_threads
+    # The deployed log settings (one file set, no line per request), not TorchServe's defaults.
+    assert "torchserve.log" in logs and "access_log.log" not in logs, logs

@@ -52,7 +52,7 @@ def test_check_diff_on_fresh_host_runs_to_the_end_and_changes_nothing(fresh_host
     counts = recap(r.stdout, fresh_host.name)
     assert counts["failed"] == 0 and counts["changed"] > 0, counts
     # The installs are predicted (apt-get --simulate) as changes, not skipped.
-    for task in ("java : Predict: Install the JRE", "torchserve : Predict: Install Python venv support",
-                 "nginx : Predict: Install nginx, its njs module and logrotate", "torchserve : Write config.properties"):
+    for task in ("torchserve_java : Predict: Install the JRE", "torchserve : Predict: Install Python venv support",
+                 "torchserve_nginx : Predict: Install nginx, its njs module and logrotate", "torchserve : Write config.properties"):
         assert task_status(r.stdout, task) == "changed", task
     assert bare_state(fresh_host) == before

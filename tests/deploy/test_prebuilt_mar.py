@@ -43,7 +43,7 @@ def test_prebuilt_mar_is_served_beside_a_host_built_one(deployed_host, host_ca, 
     try:
         r = deployed_host.playbook("-e", f"@{extra}")
         assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
-        assert deployed_host.ssh("test -f /opt/torchserve/model-store/fmnist-prebuilt.mar").returncode == 0
+        assert deployed_host.ssh("test -f /opt/torchserve/model-store/fmnist-prebuilt-2.0.mar").returncode == 0
         assert served_models(deployed_host) == ["fmnist", "fmnist-prebuilt"]
         assert deployed_host.management("/models/fmnist-prebuilt")[1][0]["modelVersion"] == "2.0"
         for model in ("fmnist", "fmnist-prebuilt"):

@@ -63,6 +63,8 @@ def model_config_yaml() -> str:
 
 
 MIN_WORKERS = _role_model_entry()["workers"]
+#: The example entry's batching (playbooks/vars/fmnist.yml), what the served model must report.
+BATCH_SIZE, MAX_BATCH_DELAY = _role_model_entry()["batch_size"], _role_model_entry()["max_batch_delay"]
 
 if str(MODEL_SRC) not in sys.path:
     sys.path.insert(0, str(MODEL_SRC))

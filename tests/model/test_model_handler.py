@@ -31,6 +31,8 @@ from fmnist_support import (
 )
 from PIL import Image
 
+import preprocessing  # model_src/preprocessing.py (on sys.path through fmnist_support)
+
 TSHIRT = "T-shirt/top"
 
 
@@ -66,6 +68,18 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def mean_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().mean())
+
+
+def spy_forward(handler) -> list:
+    """Record the input shape of every forward pass (a lone image's network or the batches')."""
+    calls = []
+    for net in (handler.model, handler.batch_model):
+        net.forward = lambda x, original=net.forward: calls.append(tuple(x.shape)) or original(x)
+    return calls
+
+
+def unspy_forward(handler) -> None:
+    del handler.model.forward, handler.batch_model.forward
 
 
 # --------------------------------------------------------------------------- initialisation
@@ -403,19 +417,12 @@ def test_batch_with_bad_items(handler, bomb_png, test_set):
         {"body": encode(Image.new("L", (1, 1)), "PNG")},
         {"body": good[3]},
     ]
-    calls = []
-    original = handler.model.forward
-
-    def spy(x):
-        calls.append(tuple(x.shape))
-        return original(x)
-
-    handler.model.forward = spy
+    calls = spy_forward(handler)
     try:
         ctx = FakeContext("/nonexistent")
         out = handler.handle(rows, ctx)
     finally:
-        del handler.model.forward
+        unspy_forward(handler)
     assert calls == [(4, 1, 28, 28)]  # one forward pass for the 4 good requests
     assert {i: s[0] for i, s in ctx.statuses.items()} == {1: 400, 3: 415, 5: 413, 6: 422}
     direct = train.predict(handler.model, train.to_float(images[:4]))
@@ -425,9 +432,7 @@ def test_batch_with_bad_items(handler, bomb_png, test_set):
 
 
 def test_batch_of_only_bad_items_makes_no_forward_pass(handler):
-    calls = []
-    original = handler.model.forward
-    handler.model.forward = lambda x: calls.append(tuple(x.shape)) or original(x)
+    calls = spy_forward(handler)
     try:
         ctx = FakeContext("/nonexistent")
         out = handler.handle([{"body": b""}, {"body": b"x"}], ctx)
@@ -435,7 +440,7 @@ def test_batch_of_only_bad_items_makes_no_forward_pass(handler):
         assert calls == []
         assert "label" in handler.handle([{"body": (SAMPLES / "tshirt3.jpeg").read_bytes()}], ctx)[0]
     finally:
-        del handler.model.forward
+        unspy_forward(handler)
     assert calls == [(1, 1, 28, 28)]  # the spy does see a forward pass
 
 
@@ -608,10 +613,10 @@ def test_pixel_limit_follows_the_decoding_cost(handler):
 def test_large_images_are_shrunk_before_conversion(handler):
     for mode, fmt in (("RGBA", "PNG"), ("LA", "PNG"), ("RGB", "PNG"), ("P", "GIF"), ("1", "PNG"), ("L", "JPEG")):
         img = handler.preprocessor.decode_image(encode(Image.new(mode, (3000, 2000)), fmt))
-        assert min(img.size) < 2 * 256 and img.mode in (mode, "L"), (mode, fmt, img.size, img.mode)
+        assert min(img.size) < 2 * preprocessing.WORK_SIDE and img.mode in (mode, "L"), (mode, fmt, img.size, img.mode)
     big16 = Image.new("I;16", (3000, 2000), 40000)
     img = handler.preprocessor.decode_image(encode(big16, "PNG"))
-    assert min(img.size) < 512 and img.mode.startswith("I;16")
+    assert min(img.size) < 2 * preprocessing.WORK_SIDE and img.mode.startswith("I;16")
 
 
 def test_error_texts_are_fixed_and_logged_in_one_line(handler, bomb_png, caplog):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from fmnist_support import SAMPLES, png_bytes
+from fmnist_support import BATCH_SIZE, MAX_BATCH_DELAY, SAMPLES, png_bytes
 from PIL import Image
 
 pytestmark = pytest.mark.serving
@@ -71,7 +71,7 @@ def listening_on_loopback(port: int) -> bool:
 def test_server_is_ready_on_loopback(server):
     assert requests.get(f"{server.url}/ping", timeout=5).json()["status"] == "Healthy"
     model = requests.get(f"{server.management_url}/models/fmnist", timeout=5).json()[0]
-    assert model["batchSize"] == 8 and model["maxBatchDelay"] == 5
+    assert model["batchSize"] == BATCH_SIZE and model["maxBatchDelay"] == MAX_BATCH_DELAY
     assert [w["status"] for w in model["workers"]] == ["READY", "READY"]
     for port in (server.inference_port, server.management_port, server.metrics_port, server.grpc_inf, server.grpc_mgmt):
         assert listening_on_loopback(port), f"port {port} is not listening on 127.0.0.1 only"
@@ -179,7 +179,7 @@ def test_burst_is_batched(server, test_set, direct_predictions):
     assert [r.json()["index"] for r in resps] == [int(direct_predictions[i]) for i in idx]
     big = wait_for_batches(server, lambda b: b[0] > 1, since=before)
     assert big, f"no batch larger than 1 for this burst in model_log.log: {batches_logged(server)[before:][-20:]}"
-    assert max(b[0] for b in big) <= 8  # batchSize
+    assert max(b[0] for b in big) <= BATCH_SIZE
 
 
 def test_bad_item_does_not_fail_its_batch(server, test_set, direct_predictions):

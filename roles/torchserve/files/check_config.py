@@ -45,10 +45,13 @@ def check(path: str) -> list[str]:
         except ValueError as e:
             problems.append(f"models: not JSON: {e}")
         else:
+            # Archives are <name>-<version>.mar, each the marName of one models= entry.
+            mars = {v.get("marName") for versions in models.values() if isinstance(versions, dict)
+                    for v in versions.values() if isinstance(v, dict)}
             for mar in props.get("load_models", "").split(","):
-                name = mar.strip().removesuffix(".mar")
-                if name and name not in models:
-                    problems.append(f"load_models names {name!r} but models has no entry for it")
+                mar = mar.strip()
+                if mar and mar not in mars and mar.removesuffix(".mar") not in models:
+                    problems.append(f"load_models names {mar.removesuffix('.mar')!r} but models has no entry for it")
     return problems
 
 
