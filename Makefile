@@ -6,6 +6,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 DEMO_STATE := .sandbox/demo
 SANDBOX := python3 sandbox/hosts.py
 DEMO := $(SANDBOX) --state-dir $(DEMO_STATE) --prefix demo-host
+FLEET_STATE := .sandbox/demo-fleet
+FLEET := $(SANDBOX) --state-dir $(FLEET_STATE) --prefix fleet-host
 
 # Debian packages: sandbox hosts (nspawn, debootstrap), the real Fashion-MNIST
 # data, a JRE for the local serving tests, ssh/curl to reach the hosts, wrk
@@ -14,7 +16,7 @@ APT_PACKAGES := systemd-container debootstrap dataset-fashion-mnist openjdk-17-j
                 openssh-client curl python3-venv wrk
 HOST_TOOLS := systemd-nspawn debootstrap java ssh curl wrk
 
-.PHONY: deps venv promtool demo demo-destroy demo-monitoring lint test bench bench-serving bench-sweep chaos clean-hosts
+.PHONY: deps venv promtool demo demo-destroy demo-monitoring demo-fleet demo-fleet-destroy lint test bench bench-serving bench-sweep chaos clean-hosts
 
 # Installs the Debian packages only when something is missing.
 deps:
@@ -82,6 +84,21 @@ demo-destroy:
 	-$(DEMO_MON) destroy
 	rm -f $(DEMO_STATE)/metrics.yml
 
+# Three servers behind one HAProxy balancer, all local sandbox hosts.
+demo-fleet: deps venv
+	$(FLEET) create --count 3 --balancers 1
+	ansible-playbook -i $(FLEET_STATE)/inventory.yml playbooks/deploy.yml
+	@port=$$($(FLEET) info fleet-host-lb1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["ports"]["torchserve_balancer_http_port"])'); \
+	  echo; echo "== curl -T files/samples/tshirt4.jpg http://127.0.0.1:$$port/predictions/fmnist  (through the balancer)"; \
+	  curl -sS -T files/samples/tshirt4.jpg http://127.0.0.1:$$port/predictions/fmnist; echo; \
+	  echo; echo "Balancer:     http://127.0.0.1:$$port/predictions/fmnist"; \
+	  echo "Servers:      $(FLEET) list"; \
+	  echo "Roll a change: ansible-playbook -i $(FLEET_STATE)/inventory.yml playbooks/deploy.yml -e torchserve_vmargs=-Xmx1200m"; \
+	  echo "Remove fleet: make demo-fleet-destroy"
+
+demo-fleet-destroy:
+	$(FLEET) destroy
+
 lint: deps venv promtool
 	python3 -m pytest tests/test_lint.py tests/test_monitoring_rules.py
 
@@ -117,3 +134,4 @@ clean-hosts:
 	-$(SANDBOX) --state-dir .sandbox/bench destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest-collection destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest-monitoring --group torchserve_monitoring destroy
+	-$(SANDBOX) --state-dir .sandbox/pytest-fleet destroy

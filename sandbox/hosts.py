@@ -7,6 +7,8 @@ The hosts share the outer network namespace, so every host gets its own
 block of ports; the inventory this tool writes carries them as host vars.
 
     hosts.py create [--count N]      boot N hosts (safe to re-run), write inventory
+    hosts.py create --count 3 --balancers 1
+                                     a fleet: 3 servers and a balancer (PREFIX-lb1)
     hosts.py list                    name, state, PID, ports
     hosts.py info NAME               one host as JSON (ports, PID, ssh command)
     hosts.py shell NAME [CMD...]     ssh into a host (or run CMD there)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -49,6 +52,12 @@ PORT_OFFSETS = {
     "torchserve_metrics_node_exporter_port": 94,
     "torchserve_monitoring_port": 95,
     "torchserve_monitoring_blackbox_port": 96,
+}
+# A balancer's public ports, in its own block.
+BALANCER_PORT_OFFSETS = {
+    "ssh": 22,
+    "torchserve_balancer_http_port": 80,
+    "torchserve_balancer_https_port": 43,
 }
 BOOT_TIMEOUT = 90
 # The example model entry, shared with the example inventory.
@@ -182,11 +191,12 @@ class Sandbox:
                 check=True,
             )
 
-    def provision(self, name: str) -> None:
+    def provision(self, name: str, role: str = "server") -> None:
         """Copy the cached root and make it this host's own."""
         hdir = self.host_dir(name)
         block = self.claim_block(name)
-        ports = {k: BLOCK_BASE + block * 100 + off for k, off in PORT_OFFSETS.items()}
+        offsets = BALANCER_PORT_OFFSETS if role == "balancer" else PORT_OFFSETS
+        ports = {k: BLOCK_BASE + block * 100 + off for k, off in offsets.items()}
         tmp = hdir / "rootfs.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         hdir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +216,7 @@ class Sandbox:
         shutil.copy(f"{self.key}.pub", ssh_dir / "authorized_keys")
         os.chmod(ssh_dir / "authorized_keys", 0o600)
         tmp.rename(hdir / "rootfs")
-        (hdir / "host.json").write_text(json.dumps({"name": name, "block": block, "ports": ports}))
+        (hdir / "host.json").write_text(json.dumps({"name": name, "block": block, "ports": ports, "role": role}))
 
     @staticmethod
     def cgroup_roots() -> list[Path]:
@@ -296,10 +306,24 @@ class Sandbox:
                 lines.append(f"[127.0.0.1]:{port} {kind} {key}")
         self.known_hosts.write_text("".join(f"{line}\n" for line in lines))
 
+    def role(self, name: str) -> str:
+        return self.record(name).get("role", "server")
+
+    def connection_vars(self) -> list[str]:
+        return [
+            "        ansible_user: root",
+            f"        ansible_ssh_private_key_file: {self.key}",
+            "        ansible_ssh_common_args: >-",
+            f"          -o StrictHostKeyChecking=yes -o UserKnownHostsFile={self.known_hosts}",
+            "          -o LogLevel=ERROR",
+        ]
+
     def write_inventory(self) -> None:
         lines = ["# Written by sandbox/hosts.py: local nspawn hosts. Do not edit.",
                  "all:", "  children:", f"    {self.group}:", "      hosts:"]
-        for name in self.names():
+        servers = [n for n in self.names() if self.role(n) == "server"]
+        balancers = [n for n in self.names() if self.role(n) == "balancer"]
+        for name in servers:
             ports = self.record(name)["ports"]
             lines += [
                 f"        {name}:",
@@ -308,13 +332,7 @@ class Sandbox:
             ]
             # Hosts made before a port was added lack it.
             lines += [f"          {k}: {ports[k]}" for k in PORT_OFFSETS if k != "ssh" and k in ports]
-        lines += [
-            "      vars:",
-            "        ansible_user: root",
-            f"        ansible_ssh_private_key_file: {self.key}",
-            "        ansible_ssh_common_args: >-",
-            f"          -o StrictHostKeyChecking=yes -o UserKnownHostsFile={self.known_hosts}",
-            "          -o LogLevel=ERROR",
+        lines += ["      vars:", *self.connection_vars(),
             "        # The hosts share the machine's network namespace: nginx on all",
             "        # addresses would listen on every interface of the machine.",
             '        torchserve_nginx_listen_addresses: ["127.0.0.1"]',
@@ -329,21 +347,54 @@ class Sandbox:
             "        # to playbooks/vars/fmnist.yml); its paths start at the repository.",
             f"        torchserve_model_src_root: {REPO}",
         ]
+        if balancers:
+            lines += ["    torchserve_balancers:", "      hosts:"]
+            for name in balancers:
+                ports = self.record(name)["ports"]
+                lines += [
+                    f"        {name}:",
+                    "          ansible_host: 127.0.0.1",
+                    f"          ansible_port: {ports['ssh']}",
+                    f"          torchserve_balancer_http_port: {ports['torchserve_balancer_http_port']}",
+                    f"          torchserve_balancer_https_port: {ports['torchserve_balancer_https_port']}",
+                ]
+            lines += ["      vars:", *self.connection_vars(),
+                      "        # Public on loopback only, like the servers' nginx. The servers",
+                      "        # see the balancer as 127.0.0.1 (ansible_host): every host shares",
+                      "        # the machine's loopback, so that is the address they trust for",
+                      "        # X-Forwarded-For; on real servers it is the balancer's own.",
+                      '        torchserve_balancer_listen_addresses: ["127.0.0.1"]']
         self.inventory.write_text("\n".join(lines) + "\n")
-        link = self.model_vars
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.is_symlink():
-            link.symlink_to(MODEL_VARS)
+        self.write_model_vars(fleet=bool(balancers))
         log(f"inventory: {self.inventory}")
 
-    def create(self, count: int) -> None:
+    def write_model_vars(self, fleet: bool) -> None:
+        """The example model for the servers' group: a link to the shared entry;
+        a fleet gets a copy with one worker per server (small hosts)."""
+        link = self.model_vars
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if fleet:
+            text, n = re.subn(r"^(\s+workers:) \d+$", r"\1 1", MODEL_VARS.read_text(), flags=re.M)
+            if n != 1:
+                die(f"{MODEL_VARS}: expected one 'workers:' line, found {n}")
+            if link.is_symlink():
+                link.unlink()
+            link.write_text(f"# Written by sandbox/hosts.py from {MODEL_VARS.relative_to(REPO)}: one worker"
+                            " per fleet server. Do not edit.\n" + text)
+        elif not link.is_symlink():
+            link.unlink(missing_ok=True)
+            link.symlink_to(MODEL_VARS)
+
+    def create(self, count: int, balancers: int = 0) -> None:
         if os.geteuid() != 0:
             die("must run as root (systemd-nspawn)")
         self.ensure_key()
-        names = [f"{self.prefix}{i}" for i in range(1, count + 1)]
+        roles = {f"{self.prefix}{i}": "server" for i in range(1, count + 1)}
+        roles.update({f"{self.prefix}-lb{i}": "balancer" for i in range(1, balancers + 1)})
+        names = list(roles)
         for name in names:
             if not (self.host_dir(name) / "host.json").is_file():
-                self.provision(name)
+                self.provision(name, roles[name])
             self.boot(name)
         self.write_known_hosts()
         for name in names:
@@ -404,8 +455,9 @@ class Sandbox:
         for name in self.names():
             rec, pid = self.record(name), self.pid(name)
             p = rec["ports"]
+            kind = "balancer" if rec.get("role") == "balancer" else "nginx"
             print(f"{name:<16}{'running' if pid else 'stopped':<10}{pid or '-'!s:<9}"
-                  f"{p['ssh']:<7}{p['torchserve_nginx_http_port']:<7}{p['torchserve_nginx_https_port']:<7}")
+                  f"{p['ssh']:<7}{p[f'torchserve_{kind}_http_port']:<7}{p[f'torchserve_{kind}_https_port']:<7}")
 
 
 def main() -> None:
@@ -420,7 +472,8 @@ def main() -> None:
                     help="inventory group of the hosts (e.g. torchserve_monitoring)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create")
-    c.add_argument("--count", type=int, default=1)
+    c.add_argument("--count", type=int, default=1, help="servers (PREFIX1..PREFIXN)")
+    c.add_argument("--balancers", type=int, default=0, help="balancers in front (PREFIX-lb1..)")
     sub.add_parser("list")
     sub.add_parser("inventory", help="print the inventory path")
     i = sub.add_parser("info", help="print a host's record (name, ports, PID) as JSON")
@@ -436,7 +489,7 @@ def main() -> None:
 
     sb = Sandbox(args.state_dir, args.cache_dir, args.prefix, args.group)
     if args.cmd == "create":
-        sb.create(args.count)
+        sb.create(args.count, args.balancers)
     elif args.cmd == "list":
         sb.list()
     elif args.cmd == "inventory":

@@ -91,3 +91,29 @@ def test_inventory_binds_nginx_to_loopback_and_checks_host_keys(sandbox):
     assert sandbox.known_hosts.read_text() == f"[127.0.0.1]:{port} ssh-ed25519 {key}\n"
     argv = sandbox.ssh_argv("t-host1")
     assert "StrictHostKeyChecking=yes" in argv and f"UserKnownHostsFile={sandbox.known_hosts}" in argv
+
+
+def test_fleet_inventory_has_both_groups_balancer_ports_and_one_worker_per_server(sandbox):
+    fake_host(sandbox, "t-host1", 306)
+    fake_host(sandbox, "t-host2", 307)
+    fake_host(sandbox, "t-host-lb1", 308)
+    rec = json.loads((sandbox.host_dir("t-host-lb1") / "host.json").read_text())
+    rec["role"] = "balancer"
+    rec["ports"] = {k: hosts.BLOCK_BASE + 308 * 100 + off for k, off in hosts.BALANCER_PORT_OFFSETS.items()}
+    (sandbox.host_dir("t-host-lb1") / "host.json").write_text(json.dumps(rec))
+    sandbox.write_inventory()
+    groups = yaml.safe_load(sandbox.inventory.read_text())["all"]["children"]
+    assert list(groups["torchserve_servers"]["hosts"]) == ["t-host1", "t-host2"]
+    lb = groups["torchserve_balancers"]["hosts"]["t-host-lb1"]
+    assert lb["torchserve_balancer_http_port"] == hosts.BLOCK_BASE + 30880
+    assert lb["torchserve_balancer_https_port"] == hosts.BLOCK_BASE + 30843
+    assert groups["torchserve_balancers"]["vars"]["torchserve_balancer_listen_addresses"] == ["127.0.0.1"]
+    assert "StrictHostKeyChecking=yes" in groups["torchserve_balancers"]["vars"]["ansible_ssh_common_args"]
+    # A fleet's servers run one worker each; a single server keeps the shared entry.
+    assert not sandbox.model_vars.is_symlink()
+    models = yaml.safe_load(sandbox.model_vars.read_text())["torchserve_models"]
+    assert [m["workers"] for m in models] == [1]
+    r = run_tool(sandbox, "destroy", "t-host-lb1")
+    assert r.returncode == 0, r.stderr
+    assert "torchserve_balancers" not in yaml.safe_load(sandbox.inventory.read_text())["all"]["children"]
+    assert sandbox.model_vars.is_symlink() and sandbox.model_vars.resolve() == hosts.MODEL_VARS

@@ -50,5 +50,7 @@ def fresh_host() -> Host:
 
 def pytest_collection_modifyitems(items):
     """Chaos tests kill, restart and reboot the shared host: run them after
-    every other test (stable order otherwise)."""
-    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
+    every other test; the fleet (its own hosts, the heaviest load) after them
+    (stable order otherwise)."""
+    items.sort(key=lambda item: (item.get_closest_marker("fleet") is not None,
+                                 item.get_closest_marker("chaos") is not None))
