@@ -117,7 +117,14 @@ class Sandbox:
         return self.hosts_dir / name
 
     def record(self, name: str) -> dict:
-        return json.loads((self.host_dir(name) / "host.json").read_text())
+        rec = json.loads((self.host_dir(name) / "host.json").read_text())
+        # Hosts made before the roles' variables were prefixed (0.1.0) recorded
+        # nginx_http_port/nginx_https_port.
+        ports = rec.get("ports", {})
+        for old in ("nginx_http_port", "nginx_https_port"):
+            if old in ports:
+                ports.setdefault(f"torchserve_{old}", ports.pop(old))
+        return rec
 
     def names(self) -> list[str]:
         if not self.hosts_dir.is_dir():
