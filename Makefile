@@ -135,3 +135,4 @@ clean-hosts:
 	-$(SANDBOX) --state-dir .sandbox/pytest-collection destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest-monitoring --group torchserve_monitoring destroy
 	-$(SANDBOX) --state-dir .sandbox/pytest-fleet destroy
+	-$(SANDBOX) --state-dir .sandbox/pytest-upgrade destroy
