@@ -1,8 +1,9 @@
 """A fleet: three sandbox servers behind one HAProxy balancer (TLS at the
 balancer), deployed once by the real playbook and reused by every case.
 Under a bounded load through the balancer (16 keep-alive clients on loopback)
-a restart-forcing change rolls server by server and one server's TorchServe
-is killed: no client request may fail. An nginx-site-only change drains
+a model upgrade, a broken upgrade (rolled back), a restart-forcing change
+rolled server by server and one server's TorchServe killed: no client
+request may fail. An nginx-site-only change drains
 nothing; a server that fails stops the rollout and stays drained.
 Each scenario prints requests sent/failed, p50/p99 before vs during, duration."""
 from __future__ import annotations
@@ -343,6 +344,66 @@ def test_nginx_site_only_change_drains_nothing(fleet, tmp_path):
     assert fleet.pids() == before  # nothing restarted (nginx was reloaded)
     assert watch.samples and watch.seen() == {"UP"}, watch.seen()
     assert not figures.failed, figures.failed[:5]
+
+
+def fleet_models(fleet: Fleet, **changes) -> list[dict]:
+    """The fleet's model entry (one worker per server, written by the sandbox
+    tool) with `changes` applied."""
+    import yaml
+
+    entry = yaml.safe_load((Path(fleet.inventory).parent / "group_vars/torchserve_servers/fmnist.yml").read_text())
+    model = {**entry["torchserve_models"][0], **changes}
+    return [model]
+
+
+def serving_versions(fleet: Fleet) -> dict:
+    """The version each server's config.properties names for fmnist."""
+    out = {}
+    for s in SERVERS:
+        text = fleet.ssh(s, "cat /etc/torchserve/config.properties").stdout
+        out[s] = "1.1" if "fmnist-1.1.mar" in text else "1.0" if "fmnist-1.0.mar" in text else text[-300:]
+    return out
+
+
+def test_model_upgrade_rolls_through_the_fleet_without_a_restart_or_a_failed_request(fleet, tmp_path):
+    """Scenario 1: a new model version on every server through the management
+    API: no JVM restart, nothing drained, no client request failed."""
+    before = fleet.pids()
+    models = fleet_models(fleet, version="1.1")
+    with Watch(fleet) as watch:
+        figures, r = under_load(fleet, "model upgrade 1.0 -> 1.1, serial 1",
+                                lambda: fleet.playbook(tmp_path, torchserve_models=models))
+    assert r.returncode == 0, output(r)
+    fleet.extra["torchserve_models"] = models
+    assert fleet.pids() == before  # TorchServe and nginx kept their PIDs
+    assert watch.samples and watch.seen() == {"UP"}, watch.seen()  # nothing drained
+    assert serving_versions(fleet) == {s: "1.1" for s in SERVERS}
+    assert not figures.failed, figures.failed[:5]
+    assert len(figures.during) >= 50
+
+
+def test_broken_upgrade_is_rolled_back_and_stops_the_rollout(fleet, tmp_path):
+    """Scenario 3: an upgrade whose canary answer is wrong is rolled back on
+    the first server, the rollout stops there, the others keep the serving
+    version; no client request failed."""
+    before = fleet.pids()
+    broken = fleet_models(fleet, version="1.2", smoke_test={"image": "files/samples/tshirt4.jpg", "label": "Bag"})
+    with Watch(fleet) as watch:
+        figures, r = under_load(fleet, "broken upgrade 1.1 -> 1.2 (wrong canary), serial 1",
+                                lambda: fleet.playbook(tmp_path, torchserve_models=broken))
+    assert r.returncode != 0
+    fatal = [line for line in r.stdout.splitlines() if line.startswith("fatal:")]
+    assert fatal and all(SERVERS[0] in line for line in fatal), fatal
+    assert "version 1.2 was rolled back" in r.stdout and "Bag" in r.stdout, output(r)
+    assert "NO MORE HOSTS LEFT" in r.stdout
+    assert serving_versions(fleet) == {s: "1.1" for s in SERVERS}
+    assert fleet.pids() == before
+    assert watch.seen() == {"UP"}, watch.seen()
+    assert not figures.failed, figures.failed[:5]
+    # The inventory is fixed: the next run is a no-op on every server.
+    again = fleet.playbook(tmp_path)
+    assert again.returncode == 0, output(again)
+    assert all(recap(again.stdout, s)["changed"] == 0 for s in SERVERS), again.stdout[-3000:]
 
 
 def test_restart_forcing_change_rolls_server_by_server_without_a_failed_request(fleet, tmp_path):
