@@ -325,20 +325,21 @@ class Sandbox:
             "          -o LogLevel=ERROR",
         ]
 
+    def host_entry(self, name: str, port_vars: list[str], required: bool = False) -> list[str]:
+        """A host's inventory lines: ssh on loopback, and its ports as host vars
+        (`required`: every one must be recorded)."""
+        ports = self.record(name)["ports"]
+        return ([f"        {name}:", "          ansible_host: 127.0.0.1", f"          ansible_port: {ports['ssh']}"]
+                + [f"          {k}: {ports[k]}" for k in port_vars if required or k in ports])
+
     def write_inventory(self) -> None:
         lines = ["# Written by sandbox/hosts.py: local nspawn hosts. Do not edit.",
                  "all:", "  children:", f"    {self.group}:", "      hosts:"]
         servers = [n for n in self.names() if self.role(n) == "server"]
         balancers = [n for n in self.names() if self.role(n) == "balancer"]
         for name in servers:
-            ports = self.record(name)["ports"]
-            lines += [
-                f"        {name}:",
-                "          ansible_host: 127.0.0.1",
-                f"          ansible_port: {ports['ssh']}",
-            ]
             # Hosts made before a port was added lack it.
-            lines += [f"          {k}: {ports[k]}" for k in PORT_OFFSETS if k != "ssh" and k in ports]
+            lines += self.host_entry(name, [k for k in PORT_OFFSETS if k != "ssh"])
         lines += ["      vars:", *self.connection_vars(),
             "        # The hosts share the machine's network namespace: nginx on all",
             "        # addresses would listen on every interface of the machine.",
@@ -357,14 +358,8 @@ class Sandbox:
         if balancers:
             lines += ["    torchserve_balancers:", "      hosts:"]
             for name in balancers:
-                ports = self.record(name)["ports"]
-                lines += [
-                    f"        {name}:",
-                    "          ansible_host: 127.0.0.1",
-                    f"          ansible_port: {ports['ssh']}",
-                    f"          torchserve_balancer_http_port: {ports['torchserve_balancer_http_port']}",
-                    f"          torchserve_balancer_https_port: {ports['torchserve_balancer_https_port']}",
-                ]
+                lines += self.host_entry(name, ["torchserve_balancer_http_port", "torchserve_balancer_https_port"],
+                                         required=True)
             lines += ["      vars:", *self.connection_vars(),
                       "        # Public on loopback only, like the servers' nginx. The servers",
                       "        # see the balancer as 127.0.0.1 (ansible_host): every host shares",

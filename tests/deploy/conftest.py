@@ -1,27 +1,15 @@
 """A real sandbox host (systemd-nspawn, systemd as PID 1, sshd), deployed once
 per session with TLS on by the real playbook, then checked from outside."""
-import json
-import os
-import subprocess
 
 import pytest
 
-from deploy_helpers import FRESH_SANDBOX, HOST, SANDBOX, Host
+from deploy_helpers import FRESH_SANDBOX, HOST, SANDBOX, Host, sandbox_host
 
 
 @pytest.fixture(scope="session")
 def deployed_host() -> Host:
-    subprocess.run(SANDBOX + ["create", "--count", "1"], check=True, timeout=600)
-    try:
-        info = json.loads(subprocess.run(SANDBOX + ["info", HOST], check=True, capture_output=True,
-                                         text=True).stdout)
-        host = Host(HOST, info["ports"], info["ssh"], info["inventory"])
-        r = host.playbook()
-        assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    with sandbox_host(SANDBOX, HOST) as host:
         yield host
-    finally:
-        if not os.environ.get("KEEP_HOSTS"):
-            subprocess.run(SANDBOX + ["destroy"], timeout=300)
 
 
 @pytest.fixture(scope="session")
@@ -37,15 +25,8 @@ def host_ca(deployed_host: Host, tmp_path_factory) -> str:
 def fresh_host() -> Host:
     """A bare server no playbook has touched (its own state dir), removed after.
     One kept by KEEP_HOSTS from an earlier run is replaced: it is not fresh."""
-    subprocess.run(FRESH_SANDBOX + ["destroy"], check=True, timeout=300)
-    subprocess.run(FRESH_SANDBOX + ["create", "--count", "1"], check=True, timeout=600)
-    try:
-        info = json.loads(subprocess.run(FRESH_SANDBOX + ["info", "pytest-fresh1"], check=True, capture_output=True,
-                                         text=True).stdout)
-        yield Host("pytest-fresh1", info["ports"], info["ssh"], info["inventory"])
-    finally:
-        if not os.environ.get("KEEP_HOSTS"):
-            subprocess.run(FRESH_SANDBOX + ["destroy"], timeout=300)
+    with sandbox_host(FRESH_SANDBOX, "pytest-fresh1", deploy=False, fresh=True) as host:
+        yield host
 
 
 def pytest_collection_modifyitems(items):

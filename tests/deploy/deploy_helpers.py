@@ -2,7 +2,9 @@
 real playbook run against it."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -100,3 +102,24 @@ def recap(output: str, host: str) -> dict:
         if line.startswith(host) and "changed=" in line:
             return {k: int(v) for k, v in (kv.split("=") for kv in line.split(":", 1)[1].split())}
     raise AssertionError(f"no recap for {host} in:\n{output[-3000:]}")
+
+
+@contextlib.contextmanager
+def sandbox_host(sandbox: list[str], name: str, deploy: bool = True, fresh: bool = False):
+    """One sandbox host made with the tool command `sandbox` (its own state
+    dir), deployed by the playbook unless `deploy` is false, removed after
+    unless KEEP_HOSTS is set. `fresh` first removes one kept from an earlier run."""
+    if fresh:
+        subprocess.run(sandbox + ["destroy"], check=True, timeout=300)
+    subprocess.run(sandbox + ["create", "--count", "1"], check=True, timeout=600)
+    try:
+        info = json.loads(subprocess.run(sandbox + ["info", name], check=True, capture_output=True,
+                                         text=True).stdout)
+        host = Host(name, info["ports"], info["ssh"], info["inventory"])
+        if deploy:
+            r = host.playbook()
+            assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+        yield host
+    finally:
+        if not os.environ.get("KEEP_HOSTS"):
+            subprocess.run(sandbox + ["destroy"], timeout=300)

@@ -13,7 +13,6 @@ Figures (requests, failures, p50/p99 before vs during, duration) are printed
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import threading
@@ -24,7 +23,7 @@ import pytest
 import requests
 import yaml
 
-from deploy_helpers import REPO, Host, recap
+from deploy_helpers import REPO, Host, recap, sandbox_host
 
 pytestmark = pytest.mark.deploy
 STATE = REPO / ".sandbox/pytest-upgrade"
@@ -37,17 +36,8 @@ CLIENTS = 8
 
 @pytest.fixture(scope="module")
 def host() -> Host:
-    subprocess.run(SANDBOX + ["create", "--count", "1"], check=True, timeout=600)
-    try:
-        info = json.loads(subprocess.run(SANDBOX + ["info", HOST], check=True, capture_output=True,
-                                         text=True).stdout)
-        h = Host(HOST, info["ports"], info["ssh"], info["inventory"])
-        r = h.playbook()
-        assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    with sandbox_host(SANDBOX, HOST) as h:
         yield h
-    finally:
-        if not os.environ.get("KEEP_HOSTS"):
-            subprocess.run(SANDBOX + ["destroy"], timeout=300)
 
 
 @pytest.fixture(scope="module")
