@@ -58,6 +58,9 @@ BALANCER_PORT_OFFSETS = {
     "ssh": 22,
     "torchserve_balancer_http_port": 80,
     "torchserve_balancer_https_port": 43,
+    # Its metrics listener and node exporter (when turned on).
+    "torchserve_balancer_metrics_port": 91,
+    "torchserve_balancer_metrics_node_exporter_port": 94,
 }
 BOOT_TIMEOUT = 90
 # The example model entry, shared with the example inventory.
@@ -325,12 +328,12 @@ class Sandbox:
             "          -o LogLevel=ERROR",
         ]
 
-    def host_entry(self, name: str, port_vars: list[str], required: bool = False) -> list[str]:
+    def host_entry(self, name: str, port_vars: list[str]) -> list[str]:
         """A host's inventory lines: ssh on loopback, and its ports as host vars
-        (`required`: every one must be recorded)."""
+        (hosts made before a port was added lack it)."""
         ports = self.record(name)["ports"]
         return ([f"        {name}:", "          ansible_host: 127.0.0.1", f"          ansible_port: {ports['ssh']}"]
-                + [f"          {k}: {ports[k]}" for k in port_vars if required or k in ports])
+                + [f"          {k}: {ports[k]}" for k in port_vars if k in ports])
 
     def write_inventory(self) -> None:
         lines = ["# Written by sandbox/hosts.py: local nspawn hosts. Do not edit.",
@@ -338,7 +341,6 @@ class Sandbox:
         servers = [n for n in self.names() if self.role(n) == "server"]
         balancers = [n for n in self.names() if self.role(n) == "balancer"]
         for name in servers:
-            # Hosts made before a port was added lack it.
             lines += self.host_entry(name, [k for k in PORT_OFFSETS if k != "ssh"])
         lines += ["      vars:", *self.connection_vars(),
             "        # The hosts share the machine's network namespace: nginx on all",
@@ -358,16 +360,20 @@ class Sandbox:
         if balancers:
             lines += ["    torchserve_balancers:", "      hosts:"]
             for name in balancers:
-                lines += self.host_entry(name, ["torchserve_balancer_http_port", "torchserve_balancer_https_port"],
-                                         required=True)
+                lines += self.host_entry(name, [k for k in BALANCER_PORT_OFFSETS if k != "ssh"])
             lines += ["      vars:", *self.connection_vars(),
                       "        # Public on loopback only, like the servers' nginx. The servers",
                       "        # see the balancer as 127.0.0.1 (ansible_host): every host shares",
                       "        # the machine's loopback, so that is the address they trust for",
                       "        # X-Forwarded-For; on real servers it is the balancer's own.",
-                      '        torchserve_balancer_listen_addresses: ["127.0.0.1"]']
+                      '        torchserve_balancer_listen_addresses: ["127.0.0.1"]',
+                      '        torchserve_balancer_metrics_listen_addresses: ["127.0.0.1"]',
+                      '        torchserve_balancer_metrics_allowed_networks: ["127.0.0.1"]']
         self.inventory.write_text("\n".join(lines) + "\n")
-        self.write_model_vars(fleet=bool(balancers))
+        # Only for model servers: a monitoring host's state dir, used beside a
+        # server's inventory, must not change that server's model.
+        if self.group == "torchserve_servers":
+            self.write_model_vars(fleet=bool(balancers))
         log(f"inventory: {self.inventory}")
 
     def write_model_vars(self, fleet: bool) -> None:

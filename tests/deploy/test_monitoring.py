@@ -1,8 +1,9 @@
 """Metrics, monitoring and public explanations on sandbox hosts, checked from
 outside: the session's server re-deployed with the metrics listener and
-/explanations/fmnist turned on, plus one more host (its own state dir) with
-the real Prometheus of the torchserve_monitoring role scraping it. Figures
-(scrape sizes and times, setup times) are printed (`pytest -s`)."""
+/explanations/fmnist turned on, then two more hosts (their own state dir):
+an HAProxy balancer in front of that server, with its metrics listener on,
+and the real Prometheus of the torchserve_monitoring role scraping both.
+Figures (scrape sizes and times, setup times) are printed (`pytest -s`)."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -11,6 +12,7 @@ import os
 import secrets
 import subprocess
 import time
+from dataclasses import dataclass
 
 import pytest
 import requests
@@ -26,6 +28,9 @@ MON_STATE = REPO / ".sandbox/pytest-monitoring"
 MON = ["python3", str(REPO / "sandbox/hosts.py"), "--state-dir", str(MON_STATE), "--prefix", "pytest-mon",
        "--group", "torchserve_monitoring"]
 MON_HOST = "pytest-mon1"
+LB_HOST = "pytest-mon-lb1"
+# The balancer in front of the session's server: plain HTTP, metrics on.
+LB_ENABLED = {"torchserve_balancer_metrics_enabled": True, "torchserve_balancer_metrics_password": PASSWORD}
 
 
 def curl(*args: str) -> tuple[int, str]:
@@ -77,24 +82,41 @@ def monitored(deployed_host):
         deployed_host.playbook()
 
 
+@dataclass
+class Monitoring:
+    api: str  # Prometheus's HTTP API
+    lb: dict  # the balancer's sandbox record (ports, ssh)
+
+    def lb_url(self, path: str) -> str:
+        return f"https://127.0.0.1:{self.lb['ports']['torchserve_balancer_metrics_port']}/metrics/{path}"
+
+    @property
+    def public(self) -> str:
+        return f"http://127.0.0.1:{self.lb['ports']['torchserve_balancer_http_port']}"
+
+
 @pytest.fixture(scope="module")
 def prometheus(monitored):
-    """A second sandbox host in group torchserve_monitoring, deployed with
-    playbooks/monitoring.yml against the session's inventory: its API URL."""
+    """Two more sandbox hosts: a Prometheus (group torchserve_monitoring) and a
+    balancer in front of the session's server, all three deployed by
+    playbooks/deploy.yml over both inventories (adding a balancer and a
+    monitoring host to a running server)."""
     host, _ = monitored
     t0 = time.monotonic()
-    subprocess.run(MON + ["create", "--count", "1"], check=True, timeout=600)
+    subprocess.run(MON + ["create", "--count", "1", "--balancers", "1"], check=True, timeout=600)
     try:
         info = json.loads(subprocess.run(MON + ["info", MON_HOST], check=True, capture_output=True, text=True).stdout)
-        argv = ["ansible-playbook", "-i", host.inventory, "-i", info["inventory"], "playbooks/monitoring.yml",
-                "-e", "torchserve_nginx_tls_enabled=true", "-e", json.dumps(ENABLED)]
-        r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=1200)
+        lb = json.loads(subprocess.run(MON + ["info", LB_HOST], check=True, capture_output=True, text=True).stdout)
+        argv = ["ansible-playbook", "-i", host.inventory, "-i", info["inventory"], "playbooks/deploy.yml",
+                "-e", "torchserve_nginx_tls_enabled=true", "-e", json.dumps({**ENABLED, **LB_ENABLED})]
+        r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=1800)
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-        print(f"\nmonitoring host created and deployed: {time.monotonic() - t0:.0f} s")
-        again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+        print(f"\nbalancer and monitoring host created and deployed: {time.monotonic() - t0:.0f} s")
+        again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=1200)
         assert again.returncode == 0, again.stdout[-4000:]
-        assert recap(again.stdout, MON_HOST)["changed"] == 0, again.stdout[-4000:]
-        yield f"http://127.0.0.1:{info['ports']['torchserve_monitoring_port']}"
+        for name in (MON_HOST, LB_HOST, host.name):
+            assert recap(again.stdout, name)["changed"] == 0, (name, again.stdout[-4000:])
+        yield Monitoring(f"http://127.0.0.1:{info['ports']['torchserve_monitoring_port']}", lb)
     finally:
         if not os.environ.get("KEEP_HOSTS"):
             subprocess.run(MON + ["destroy"], timeout=300)
@@ -169,61 +191,99 @@ def test_explanations_have_a_tighter_per_client_limit(monitored):
     assert curl("--interface", "127.0.0.2", "-T", photo, f"{host.https}/predictions/fmnist")[0] == 200
 
 
-def test_prometheus_scrapes_the_server_and_counts_requests(monitored, prometheus):
+def test_balancer_metrics_listener_refuses_strangers_and_is_not_a_public_port(prometheus):
+    mon = prometheus
+    ports = mon.lb["ports"]
+    assert ports["torchserve_balancer_metrics_port"] not in (ports["torchserve_balancer_http_port"],
+                                                              ports["torchserve_balancer_https_port"])
+    expected = {"haproxy": "haproxy_backend_active_servers{", "node": "node_filesystem_avail_bytes{"}
+    for path, metric in expected.items():
+        url = mon.lb_url(path)
+        assert curl(url)[0] == 401, path
+        assert curl("-u", "prometheus:wrong-password-0123456", url)[0] == 401, path
+        # Right password, address not on the allow-list.
+        assert curl("--interface", "127.0.0.2", "-u", f"prometheus:{PASSWORD}", url)[0] == 403, path
+        code, body = curl("-u", f"prometheus:{PASSWORD}", url)
+        assert code == 200 and metric in body, (path, code, body[:300])
+    assert curl("-u", f"prometheus:{PASSWORD}", mon.lb_url("torchserve"))[0] == 404
+    # Plain HTTP on the metrics port gets nothing; no metrics on the public port.
+    assert curl(f"http://127.0.0.1:{ports['torchserve_balancer_metrics_port']}/metrics/haproxy")[0] == 0
+    code, body = curl(f"{mon.public}/metrics/haproxy")
+    assert code == 404 and "haproxy_" not in body, (code, body[:300])
+    r = subprocess.run(mon.lb["ssh"] + ["ss -Hltn"], capture_output=True, text=True, timeout=60)
+    node = ports["torchserve_balancer_metrics_node_exporter_port"]
+    assert f"127.0.0.1:{node} " in r.stdout and f"*:{node} " not in r.stdout, r.stdout
+
+
+def test_prometheus_scrapes_the_server_and_balancer_and_counts_requests(monitored, prometheus):
     host, _ = monitored
-    api = prometheus
-    # Every job of the server is up, the public /ping probe succeeds, the rules are loaded.
+    api = prometheus.api
+    want = {(host.name, "torchserve"): "1", (host.name, "nginx"): "1", (host.name, "node"): "1",
+            (LB_HOST, "haproxy"): "1", (LB_HOST, "node"): "1"}
+    # Every job of both hosts is up, both public /ping probes succeed, the rules are loaded.
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        ups = {r["metric"]["job"]: r["value"][1] for r in query(api, 'up{server!=""}')}
-        probe = value(api, 'probe_success{job="torchserve_endpoint"}')
-        if ups == {"torchserve": "1", "nginx": "1", "node": "1"} and probe == 1:
+        ups = {(r["metric"]["host"], r["metric"]["job"]): r["value"][1] for r in query(api, 'up{host!=""}')}
+        probes = {r["metric"]["instance"]: r["value"][1] for r in query(api, 'probe_success{job="torchserve_endpoint"}')}
+        if ups == want and list(probes.values()) == ["1", "1"]:
             break
         time.sleep(3)
-    assert ups == {"torchserve": "1", "nginx": "1", "node": "1"} and probe == 1, (ups, probe)
+    assert ups == want and list(probes.values()) == ["1", "1"], (ups, probes)
+    assert f"{prometheus.public}/ping" in probes, probes
     groups = requests.get(f"{api}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert {g["name"] for g in groups} == {"torchserve_recording", "torchserve_alerts"}
-    assert len([r for g in groups for r in g["rules"] if r["type"] == "alerting"]) == 9
-    assert value(api, 'probe_ssl_earliest_cert_expiry{job="torchserve_endpoint"} - time()') > 30 * 86400
+    assert len([r for g in groups for r in g["rules"] if r["type"] == "alerting"]) == 11
+    assert value(api, 'max(probe_ssl_earliest_cert_expiry{job="torchserve_endpoint"}) - time()') > 30 * 86400
+    assert value(api, 'haproxy_backend_active_servers{job="haproxy", proxy="torchserve"}') == 1
+    assert value(api, f'haproxy_server_status{{job="haproxy", proxy="torchserve", server="{host.name}", state="UP"}}') == 1
 
-    # Baseline straight from the listener, then a burst: 40 predictions and
-    # 6 bodies that are no image (the handler's 415), all through the public nginx.
+    # Baseline straight from the listeners, then a burst through the balancer:
+    # 40 predictions and 6 bodies that are no image (the handler's 415).
     def counters() -> dict:
-        body = curl("-u", f"prometheus:{PASSWORD}", metrics_url(host, "torchserve"))[1]
-        out = {"requests": 0.0, "4xx": 0.0}
-        for line in body.splitlines():
+        out = {"requests": 0.0, "4xx": 0.0, "lb 4xx": 0.0, "lb 2xx": 0.0}
+        for line in curl("-u", f"prometheus:{PASSWORD}", metrics_url(host, "torchserve"))[1].splitlines():
             if line.startswith("ts_inference_requests_total{") and 'model_name="fmnist"' in line:
                 out["requests"] += float(line.split()[-1])
             elif line.startswith("Requests4XX{"):
                 out["4xx"] += float(line.split()[-1])
+        for line in curl("-u", f"prometheus:{PASSWORD}", prometheus.lb_url("haproxy"))[1].splitlines():
+            if line.startswith("haproxy_frontend_http_responses_total{") and 'proxy="torchserve_public"' in line:
+                for code in ("2xx", "4xx"):
+                    if f'code="{code}"' in line:
+                        out[f"lb {code}"] += float(line.split()[-1])
         return out
 
     before = counters()
     good, bad = 40, 6
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda i: curl("-T", str(REPO / "files/samples/tshirt4.jpg"),
-                                             f"{host.https}/predictions/fmnist")[0], range(good)))
+                                             f"{prometheus.public}/predictions/fmnist")[0], range(good)))
         codes += list(pool.map(lambda i: curl("--data-binary", f"not an image {i}", "-H",
                                               "Content-Type: application/octet-stream",
-                                              f"{host.https}/predictions/fmnist")[0], range(bad)))
+                                              f"{prometheus.public}/predictions/fmnist")[0], range(bad)))
     assert codes == [200] * good + [415] * bad, codes
-    expected = {"requests": before["requests"] + good + bad, "4xx": before["4xx"] + bad}
+    expected = {"requests": before["requests"] + good + bad, "4xx": before["4xx"] + bad, "lb 4xx": before["lb 4xx"] + bad}
     t0 = time.monotonic()
     deadline = t0 + 120
     while time.monotonic() < deadline:
         seen = {"requests": value(api, 'sum(ts_inference_requests_total{job="torchserve", model_name="fmnist"})'),
-                "4xx": value(api, 'sum(Requests4XX{job="torchserve"})')}
-        if seen == expected:
+                "4xx": value(api, 'sum(Requests4XX{job="torchserve"})'),
+                "lb 4xx": value(api, 'sum(haproxy_frontend_http_responses_total{job="haproxy", proxy="torchserve_public", code="4xx"})')}
+        lb_2xx = value(api, 'sum(haproxy_frontend_http_responses_total{job="haproxy", proxy="torchserve_public", code="2xx"})')
+        if seen == expected and lb_2xx >= before["lb 2xx"] + good:
             break
         time.sleep(2)
-    print(f"\nPrometheus saw the burst ({good} predictions, {bad} bad) {time.monotonic() - t0:.1f} s after it: {seen}")
+    print(f"\nPrometheus saw the burst through the balancer ({good} predictions, {bad} bad) "
+          f"{time.monotonic() - t0:.1f} s after it: {seen}, balancer 2xx +{lb_2xx - before['lb 2xx']:.0f}")
     assert seen == expected, (seen, expected, before)
-    for job in ("torchserve", "nginx", "node"):
-        samples = value(api, f'scrape_samples_scraped{{job="{job}"}}')
-        duration = value(api, f'scrape_duration_seconds{{job="{job}"}}')
-        print(f"scrape {job}: {samples:.0f} samples in {duration * 1000:.1f} ms")
+    # The balancer's 2xx also count Prometheus's own /ping probes through it.
+    assert before["lb 2xx"] + good <= lb_2xx <= before["lb 2xx"] + good + 20, (lb_2xx, before)
+    for job in ("torchserve", "nginx", "node", "haproxy"):
+        for r in query(api, f'scrape_samples_scraped{{job="{job}"}}'):
+            duration = value(api, f'scrape_duration_seconds{{job="{job}", host="{r["metric"]["host"]}"}}')
+            print(f"scrape {job}@{r['metric']['host']}: {float(r['value'][1]):.0f} samples in {duration * 1000:.1f} ms")
     assert value(api, 'nginx_connections_accepted{job="nginx"}') > good + bad
-    assert value(api, 'node_filesystem_size_bytes{job="node", mountpoint="/"}') > 0
+    assert value(api, f'node_filesystem_size_bytes{{job="node", host="{LB_HOST}", mountpoint="/"}}') > 0
 
 
 def test_turning_metrics_off_closes_the_listener_and_explanations(monitored, host_ca):
