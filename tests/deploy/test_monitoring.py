@@ -85,7 +85,8 @@ def monitored(deployed_host):
 @dataclass
 class Monitoring:
     api: str  # Prometheus's HTTP API
-    lb: dict  # the balancer's sandbox record (ports, ssh)
+    lb: dict  # the balancer's sandbox record (ports, ssh, inventory)
+    argv: list  # deploy.yml over the server's and these hosts' inventories
 
     def lb_url(self, path: str) -> str:
         return f"https://127.0.0.1:{self.lb['ports']['torchserve_balancer_metrics_port']}/metrics/{path}"
@@ -116,7 +117,7 @@ def prometheus(monitored):
         assert again.returncode == 0, again.stdout[-4000:]
         for name in (MON_HOST, LB_HOST, host.name):
             assert recap(again.stdout, name)["changed"] == 0, (name, again.stdout[-4000:])
-        yield Monitoring(f"http://127.0.0.1:{info['ports']['torchserve_monitoring_port']}", lb)
+        yield Monitoring(f"http://127.0.0.1:{info['ports']['torchserve_monitoring_port']}", lb, argv)
     finally:
         if not os.environ.get("KEEP_HOSTS"):
             subprocess.run(MON + ["destroy"], timeout=300)
@@ -284,6 +285,38 @@ def test_prometheus_scrapes_the_server_and_balancer_and_counts_requests(monitore
             print(f"scrape {job}@{r['metric']['host']}: {float(r['value'][1]):.0f} samples in {duration * 1000:.1f} ms")
     assert value(api, 'nginx_connections_accepted{job="nginx"}') > good + bad
     assert value(api, f'node_filesystem_size_bytes{{job="node", host="{LB_HOST}", mountpoint="/"}}') > 0
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ({"torchserve_balancer_metrics_password": "short"}, "set torchserve_balancer_metrics_password (16 characters or more"),
+    ({"torchserve_balancer_metrics_allowed_networks": []}, "torchserve_balancer_metrics_allowed_networks to the"),
+    ({"torchserve_balancer_metrics_allowed_networks": ["10.0.0.0/8; deny all"]}, "IP addresses only in it"),
+    ({"torchserve_balancer_metrics_port": 80, "torchserve_balancer_http_port": 80}, "two listeners cannot share one port"),
+])
+def test_bad_balancer_metrics_settings_fail_preflight_before_any_change(prometheus, extra, expect):
+    mon = prometheus
+    config = "md5sum /etc/haproxy/haproxy.cfg"
+    before = subprocess.run(mon.lb["ssh"] + [config], capture_output=True, text=True, timeout=60).stdout
+    r = subprocess.run(mon.argv + ["--limit", LB_HOST, "-e", json.dumps(extra)], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode != 0 and expect in out, out[-3000:]
+    assert recap(r.stdout, LB_HOST)["changed"] == 0
+    assert subprocess.run(mon.lb["ssh"] + [config], capture_output=True, text=True, timeout=60).stdout == before
+
+
+def test_turning_balancer_metrics_off_closes_its_listener_and_stops_the_exporter(prometheus):
+    mon = prometheus
+    r = subprocess.run(mon.argv + ["--limit", LB_HOST, "-e", "torchserve_balancer_metrics_enabled=false"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert curl("-u", f"prometheus:{PASSWORD}", mon.lb_url("haproxy"))[0] == 0
+    unit = "prometheus-node-exporter"
+    state = subprocess.run(mon.lb["ssh"] + [f"systemctl is-active {unit}; systemctl is-enabled {unit}"],
+                           capture_output=True, text=True, timeout=60).stdout.split()
+    assert state == ["inactive", "disabled"], state
+    # The public side is untouched.
+    assert curl("-T", str(REPO / "files/samples/tshirt4.jpg"), f"{mon.public}/predictions/fmnist")[0] == 200
 
 
 def test_turning_metrics_off_closes_the_listener_and_explanations(monitored, host_ca):
