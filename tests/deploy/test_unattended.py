@@ -21,13 +21,6 @@ PHOTO = (REPO / "files/samples/tshirt4.jpg").read_bytes()
 MAX_LOG_BYTES_PER_REQUEST = 2.0
 REQUESTS = 5000
 
-def model_entry(**changes):
-    """The default fmnist entry of the role, with changes."""
-    entry = dict(MODELS[0])
-    entry.update(changes)
-    return entry
-
-
 def log_bytes(host) -> tuple[int, int]:
     """(bytes of the log folder, bytes of the unit's journal messages)."""
     out = host.ssh("du -sb /var/log/torchserve | cut -f1; journalctl -u torchserve -o cat --no-pager | wc -c").stdout.split()
@@ -178,24 +171,6 @@ def test_model_registration_only_by_root_and_only_from_the_model_store(deployed_
         assert names == ["fmnist"]
     finally:
         deployed_host.ssh("rm -f /var/lib/torchserve/other.mar")
-
-
-def test_version_only_bump_serves_the_new_version(deployed_host, tmp_path):
-    sock = "/run/torchserve/management/management.sock"
-    extra = tmp_path / "bump.json"
-    extra.write_text(json.dumps({"torchserve_models": [model_entry(version="1.1")]}))
-    try:
-        r = deployed_host.playbook("-e", f"@{extra}")
-        assert r.returncode == 0, r.stdout[-4000:]
-        desc = json.loads(deployed_host.unix_http(sock, "/models/fmnist")["body"])
-        assert [d["modelVersion"] for d in desc] == ["1.1"], desc
-        again = deployed_host.playbook("-e", f"@{extra}")
-        assert again.returncode == 0 and recap(again.stdout, deployed_host.name)["changed"] == 0, again.stdout[-3000:]
-    finally:
-        restored = deployed_host.playbook()
-    assert restored.returncode == 0, restored.stdout[-4000:]
-    desc = json.loads(deployed_host.unix_http(sock, "/models/fmnist")["body"])
-    assert [d["modelVersion"] for d in desc] == ["1.0"], desc
 
 
 def test_nginx_sandbox_keeps_config_test_reload_and_log_rotation(deployed_host, host_ca):
