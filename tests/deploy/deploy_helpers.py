@@ -104,6 +104,16 @@ def recap(output: str, host: str) -> dict:
     raise AssertionError(f"no recap for {host} in:\n{output[-3000:]}")
 
 
+def sandbox_info(sandbox: list[str], name: str) -> dict:
+    """One host's record from the sandbox tool (ports, ssh command, inventory)."""
+    return json.loads(subprocess.run(sandbox + ["info", name], check=True, capture_output=True, text=True).stdout)
+
+
+def sandbox_as_host(sandbox: list[str], name: str) -> Host:
+    info = sandbox_info(sandbox, name)
+    return Host(name, info["ports"], info["ssh"], info["inventory"])
+
+
 @contextlib.contextmanager
 def sandbox_host(sandbox: list[str], name: str, deploy: bool = True, fresh: bool = False):
     """One sandbox host made with the tool command `sandbox` (its own state
@@ -113,9 +123,7 @@ def sandbox_host(sandbox: list[str], name: str, deploy: bool = True, fresh: bool
         subprocess.run(sandbox + ["destroy"], check=True, timeout=300)
     subprocess.run(sandbox + ["create", "--count", "1"], check=True, timeout=600)
     try:
-        info = json.loads(subprocess.run(sandbox + ["info", name], check=True, capture_output=True,
-                                         text=True).stdout)
-        host = Host(name, info["ports"], info["ssh"], info["inventory"])
+        host = sandbox_as_host(sandbox, name)
         if deploy:
             r = host.playbook()
             assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]

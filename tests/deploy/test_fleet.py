@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_helpers import REPO, recap
+from deploy_helpers import REPO, recap, sandbox_info
 
 pytestmark = [pytest.mark.deploy, pytest.mark.fleet]
 
@@ -42,10 +42,6 @@ def output(r: subprocess.CompletedProcess) -> str:
     lines = r.stdout.splitlines()
     fatal = [line for i, line in enumerate(lines) for line in lines[i:i + 8] if lines[i].startswith("fatal:")]
     return "\n".join(fatal) + "\n...\n" + r.stdout[-3000:] + r.stderr[-2000:]
-
-
-def info(name: str) -> dict:
-    return json.loads(subprocess.run(SANDBOX + ["info", name], check=True, capture_output=True, text=True).stdout)
 
 
 @dataclass
@@ -105,7 +101,7 @@ class Fleet:
 def fleet(tmp_path_factory) -> Fleet:
     subprocess.run(SANDBOX + ["create", "--count", str(len(SERVERS)), "--balancers", "1"], check=True, timeout=900)
     try:
-        hosts = {name: info(name) for name in SERVERS + [BALANCER]}
+        hosts = {name: sandbox_info(SANDBOX, name) for name in SERVERS + [BALANCER]}
         f = Fleet(hosts, hosts[BALANCER]["inventory"])
         start = time.monotonic()
         # A new fleet serves nobody yet: every server at once.

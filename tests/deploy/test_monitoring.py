@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from deploy_helpers import REPO, Host, recap
+from deploy_helpers import REPO, Host, recap, sandbox_as_host, sandbox_info
 
 pytestmark = pytest.mark.deploy
 PHOTO = (REPO / "files/samples/tshirt4.jpg").read_bytes()
@@ -85,15 +85,18 @@ def monitored(deployed_host):
 @dataclass
 class Monitoring:
     api: str  # Prometheus's HTTP API
-    lb: dict  # the balancer's sandbox record (ports, ssh, inventory)
+    lb: Host  # the balancer
     argv: list  # deploy.yml over the server's and these hosts' inventories
 
+    def deploy(self, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv + list(args), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
     def lb_url(self, path: str) -> str:
-        return f"https://127.0.0.1:{self.lb['ports']['torchserve_balancer_metrics_port']}/metrics/{path}"
+        return f"https://127.0.0.1:{self.lb.ports['torchserve_balancer_metrics_port']}/metrics/{path}"
 
     @property
     def public(self) -> str:
-        return f"http://127.0.0.1:{self.lb['ports']['torchserve_balancer_http_port']}"
+        return f"http://127.0.0.1:{self.lb.ports['torchserve_balancer_http_port']}"
 
 
 @pytest.fixture(scope="module")
@@ -106,20 +109,19 @@ def prometheus(monitored):
     t0 = time.monotonic()
     subprocess.run(MON + ["create", "--count", "1", "--balancers", "1"], check=True, timeout=600)
     try:
-        info = json.loads(subprocess.run(MON + ["info", MON_HOST], check=True, capture_output=True, text=True).stdout)
-        lb = json.loads(subprocess.run(MON + ["info", LB_HOST], check=True, capture_output=True, text=True).stdout)
-        argv = ["ansible-playbook", "-i", host.inventory, "-i", info["inventory"], "playbooks/deploy.yml",
-                "-e", "torchserve_nginx_tls_enabled=true", "-e", json.dumps({**ENABLED, **LB_ENABLED})]
-        r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=1800)
+        info = sandbox_info(MON, MON_HOST)
+        mon = Monitoring(f"http://127.0.0.1:{info['ports']['torchserve_monitoring_port']}", sandbox_as_host(MON, LB_HOST),
+                         ["ansible-playbook", "-i", host.inventory, "-i", info["inventory"], "playbooks/deploy.yml",
+                          "-e", "torchserve_nginx_tls_enabled=true", "-e", json.dumps({**ENABLED, **LB_ENABLED})])
+        r = mon.deploy(timeout=1800)
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
         print(f"\nbalancer and monitoring host created and deployed: {time.monotonic() - t0:.0f} s")
         # The server's own re-run is checked in `monitored`.
-        again = subprocess.run(argv + ["--limit", f"{MON_HOST}:{LB_HOST}"], cwd=REPO, capture_output=True,
-                               text=True, timeout=1200)
+        again = mon.deploy("--limit", f"{MON_HOST}:{LB_HOST}", timeout=1200)
         assert again.returncode == 0, again.stdout[-4000:]
         for name in (MON_HOST, LB_HOST):
             assert recap(again.stdout, name)["changed"] == 0, (name, again.stdout[-4000:])
-        yield Monitoring(f"http://127.0.0.1:{info['ports']['torchserve_monitoring_port']}", lb, argv)
+        yield mon
     finally:
         if not os.environ.get("KEEP_HOSTS"):
             subprocess.run(MON + ["destroy"], timeout=300)
@@ -196,7 +198,7 @@ def test_explanations_have_a_tighter_per_client_limit(monitored):
 
 def test_balancer_metrics_listener_refuses_strangers_and_is_not_a_public_port(prometheus):
     mon = prometheus
-    ports = mon.lb["ports"]
+    ports = mon.lb.ports
     assert ports["torchserve_balancer_metrics_port"] not in (ports["torchserve_balancer_http_port"],
                                                               ports["torchserve_balancer_https_port"])
     expected = {"haproxy": "haproxy_backend_active_servers{", "node": "node_filesystem_avail_bytes{"}
@@ -213,9 +215,9 @@ def test_balancer_metrics_listener_refuses_strangers_and_is_not_a_public_port(pr
     assert curl(f"http://127.0.0.1:{ports['torchserve_balancer_metrics_port']}/metrics/haproxy")[0] == 0
     code, body = curl(f"{mon.public}/metrics/haproxy")
     assert code == 404 and "haproxy_" not in body, (code, body[:300])
-    r = subprocess.run(mon.lb["ssh"] + ["ss -Hltn"], capture_output=True, text=True, timeout=60)
+    listeners = mon.lb.ssh("ss -Hltn").stdout
     node = ports["torchserve_balancer_metrics_node_exporter_port"]
-    assert f"127.0.0.1:{node} " in r.stdout and f"*:{node} " not in r.stdout, r.stdout
+    assert f"127.0.0.1:{node} " in listeners and f"*:{node} " not in listeners, listeners
 
 
 def test_prometheus_scrapes_the_server_and_balancer_and_counts_requests(monitored, prometheus):
@@ -298,24 +300,21 @@ def test_prometheus_scrapes_the_server_and_balancer_and_counts_requests(monitore
 def test_bad_balancer_metrics_settings_fail_preflight_before_any_change(prometheus, extra, expect):
     mon = prometheus
     config = "md5sum /etc/haproxy/haproxy.cfg"
-    before = subprocess.run(mon.lb["ssh"] + [config], capture_output=True, text=True, timeout=60).stdout
-    r = subprocess.run(mon.argv + ["--limit", LB_HOST, "-e", json.dumps(extra)], cwd=REPO, capture_output=True,
-                       text=True, timeout=600)
+    before = mon.lb.ssh(config).stdout
+    r = mon.deploy("--limit", LB_HOST, "-e", json.dumps(extra))
     out = " ".join((r.stdout + r.stderr).split())
     assert r.returncode != 0 and expect in out, out[-3000:]
     assert recap(r.stdout, LB_HOST)["changed"] == 0
-    assert subprocess.run(mon.lb["ssh"] + [config], capture_output=True, text=True, timeout=60).stdout == before
+    assert mon.lb.ssh(config).stdout == before
 
 
 def test_turning_balancer_metrics_off_closes_its_listener_and_stops_the_exporter(prometheus):
     mon = prometheus
-    r = subprocess.run(mon.argv + ["--limit", LB_HOST, "-e", "torchserve_balancer_metrics_enabled=false"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = mon.deploy("--limit", LB_HOST, "-e", "torchserve_balancer_metrics_enabled=false")
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert curl("-u", f"prometheus:{PASSWORD}", mon.lb_url("haproxy"))[0] == 0
     unit = "prometheus-node-exporter"
-    state = subprocess.run(mon.lb["ssh"] + [f"systemctl is-active {unit}; systemctl is-enabled {unit}"],
-                           capture_output=True, text=True, timeout=60).stdout.split()
+    state = mon.lb.ssh(f"systemctl is-active {unit}; systemctl is-enabled {unit}", check=False).stdout.split()
     assert state == ["inactive", "disabled"], state
     # The public side is untouched.
     assert curl("-T", str(REPO / "files/samples/tshirt4.jpg"), f"{mon.public}/predictions/fmnist")[0] == 200
